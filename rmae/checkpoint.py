@@ -1,0 +1,460 @@
+"""Checkpoints: our safetensors format, and every foreign layout users hold, detected by content.
+
+Our format: a ``.safetensors`` file of weights whose metadata carries the full model config
+(``rmae_config``, JSON), so a single file rebuilds its model; run folders add ``config.yaml``.
+
+:func:`load_model` accepts
+- a run folder (``config.yaml`` + ``checkpoints/*.safetensors``, or ``model.safetensors``);
+- our ``.safetensors`` (config in its metadata);
+- an official MAE ``.pth``: ``{"model": sd}`` whole model (``mae_visualize_*``), encoder only
+  (``mae_pretrain_*``), or a training ``checkpoint-N.pth`` with ``args`` (argparse.Namespace);
+- an official R-MAE ``model_<update>.ckpt`` (``config`` dict beside the weights) or its bare
+  final ``.pth`` state dict, keys possibly prefixed ``module.``;
+- a timm ViT state dict (``.pth``/``.bin``/``.safetensors``).
+
+Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with one class
+allow-listed (``argparse.Namespace``, what MAE's trainer saves), or safetensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import re
+import struct
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .models import MaskedAutoencoderViT, ModelConfig, build_model
+from .models.config import HEADS_BY_WIDTH, model_keywords
+
+FORMAT_KEY = "rmae_config"
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be read or does not fit; the message names the file and the fix."""
+
+
+# ------------------------------------------------------------------------------------------
+# atomic writes
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Write ``path`` via ``write(tmp_path)``, fsync, then rename: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+
+
+def save_model(model: MaskedAutoencoderViT, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Save weights + config as one safetensors file (atomically). Returns the path."""
+    meta = {"format": "rmae", FORMAT_KEY: json.dumps(model.config.to_dict())}
+    meta.update(metadata or {})
+    sd = _contiguous(model.state_dict())
+    return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+
+
+# ------------------------------------------------------------------------------------------
+# reading files
+
+
+def _sniff(path: Path) -> str:
+    """'safetensors' | 'torch-zip' | 'torch-legacy' by the file's first bytes."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if len(head) == 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if n + 8 <= size:
+            return "safetensors"
+        raise CheckpointError(f"{path}: safetensors header says {n} bytes but the file has {size}: "
+                              "the file is truncated; copy or download it again")
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    raise CheckpointError(f"{path}: not a checkpoint (neither safetensors nor a torch.save file); "
+                          "pass a .safetensors/.pth/.ckpt file or a run folder")
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused — the file contains pickled objects other than tensors and plain "
+            f"containers ({str(e).splitlines()[0][:200]}). rmae never runs code from a checkpoint. "
+            "If you trust the file, re-save just its weights: "
+            "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({str(e).splitlines()[0][:200]}); "
+                              "the file is probably truncated or corrupt — copy or download it again") from None
+
+
+def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is probably truncated "
+                              "or corrupt — copy it again") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if _is_state_dict(obj):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict", "model_state_dict", "module", "ema"):
+            if key in obj and _is_state_dict(obj[key]):
+                return obj[key]
+    found = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(f"{path}: no state dict found (top level holds {found}); expected a dict of tensors "
+                          "or {'model': dict of tensors}")
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def _find_key(obj: Any, key: str) -> Any:
+    """Depth-first search of nested dicts for a key (official configs nest model params deeply)."""
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            found = _find_key(v, key)
+            if found is not None:
+                return found
+    return None
+
+
+# ------------------------------------------------------------------------------------------
+# layout detection and config inference
+
+
+def _count(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+    return max(idx) + 1 if idx else 0
+
+
+def describe_layout(sd: dict[str, torch.Tensor]) -> str:
+    """A human description of what a state dict looks like (for error messages)."""
+    if "patch_embed.proj.weight" not in sd:
+        return f"not a ViT state dict (no patch_embed.proj.weight; keys start {sorted(sd)[:5]})"
+    D, C, p, _ = sd["patch_embed.proj.weight"].shape
+    n = sd["pos_embed"].shape[1] if "pos_embed" in sd else "?"
+    parts = [f"ViT encoder width {D}, depth {_count(sd, 'blocks')}, patch {p}, {C} channels, {n} positions"]
+    if "decoder_embed.weight" in sd:
+        parts.append(f"MAE pixel decoder {sd['decoder_embed.weight'].shape[0]}-d × {_count(sd, 'decoder_blocks')}")
+    if "region_patch_embed.proj.weight" in sd:
+        parts.append(f"R-MAE region branch {sd['region_patch_embed.proj.weight'].shape[0]}-d, "
+                     f"neck depth {_count(sd, 'region_cross_blocks')}, decoder depth {_count(sd, 'region_dec_blocks')}")
+    if "head.weight" in sd:
+        parts.append(f"classifier head {sd['head.weight'].shape[0]} classes")
+    return "; ".join(parts)
+
+
+# Keys a foreign file may carry that our models do not have, and why they can be dropped.
+_IGNORABLE = {
+    "head.weight": "classifier head", "head.bias": "classifier head",
+    "fc_norm.weight": None, "fc_norm.bias": None,  # None: cannot be ignored, see _check_timm_features
+}
+
+
+def _check_timm_features(sd: dict[str, torch.Tensor], path: Path) -> None:
+    unsupported = []
+    if "cls_token" not in sd:
+        unsupported.append("no class token")
+    if "reg_token" in sd:
+        unsupported.append("register tokens")
+    if any(".ls1." in k or ".ls2." in k for k in sd):
+        unsupported.append("LayerScale")
+    if any(".q_norm." in k or ".k_norm." in k for k in sd):
+        unsupported.append("q/k norm")
+    if "fc_norm.weight" in sd and "norm.weight" not in sd:
+        unsupported.append("global-average-pool head (fc_norm instead of norm)")
+    if unsupported:
+        raise CheckpointError(f"{path}: this ViT has {', '.join(unsupported)}, which MAE/R-MAE encoders do not; "
+                              f"only plain cls-token ViTs (timm vit_*_patch*_224, MAE) can be loaded. "
+                              f"The file looks like: {describe_layout(sd)}")
+
+
+def infer_config(sd: dict[str, torch.Tensor], path: Path, hints: dict[str, Any]) -> tuple[ModelConfig, str]:
+    """Model config from key names and shapes (+ hints read from the file). Returns (config, kind)."""
+    if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
+        raise CheckpointError(f"{path}: {describe_layout(sd)}; expected an MAE / R-MAE / timm ViT checkpoint")
+    _check_timm_features(sd, path)
+    D, C, p, _ = sd["patch_embed.proj.weight"].shape
+    cfg: dict[str, Any] = dict(embed_dim=D, in_chans=C, patch_size=p, depth=_count(sd, "blocks"),
+                               mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D)
+    if D in HEADS_BY_WIDTH:
+        cfg["num_heads"] = HEADS_BY_WIDTH[D]
+    elif "num_heads" not in hints:
+        raise CheckpointError(f"{path}: encoder width {D} is not a standard ViT size, so its head count is unknown; "
+                              "pass it: load_model(path, num_heads=N)")
+    n_pos = sd["pos_embed"].shape[1] - 1
+    g = int(round(n_pos**0.5))
+    if g * g == n_pos:
+        cfg["img_size"] = g * p
+    elif "img_size" not in hints:
+        raise CheckpointError(f"{path}: {n_pos} positions is not a square grid; pass img_size=(H, W)")
+
+    has_region = "region_patch_embed.proj.weight" in sd
+    has_pixel_dec = "decoder_pred.weight" in sd
+    if has_region:
+        kind = "official R-MAE" if "region_proj.1.weight" in sd and "region_dec_mask_token" not in sd else "R-MAE"
+        cfg["family"] = "rmae" if has_pixel_dec else "rae"
+        pE, k_in = sd["region_patch_embed.proj.weight"].shape[:2]
+        cfg.update(region_enc_dim=pE, region_dec_dim=sd["region_cross_embed.weight"].shape[0],
+                   region_enc_depth=_count(sd, "region_enc_blocks"), region_neck_depth=_count(sd, "region_cross_blocks"),
+                   region_dec_depth=_count(sd, "region_dec_blocks"), region_heads=8)
+        if "region_dec_mask_token" in sd:
+            cfg["region_variant"] = "channel" if k_in > 1 else "batch"
+            if k_in > 1:
+                cfg["num_regions"] = k_in
+        else:
+            cfg["region_variant"] = "length"
+    elif "decoder_embed.weight" in sd:
+        kind, cfg["family"] = "official MAE (whole model)", "mae"
+    else:
+        kind, cfg["family"] = "ViT encoder only (MAE encoder release or timm); decoder freshly initialised", "mae"
+    if "decoder_embed.weight" in sd and has_pixel_dec:
+        cfg.update(decoder_dim=sd["decoder_embed.weight"].shape[0], decoder_depth=_count(sd, "decoder_blocks"),
+                   decoder_heads=16)
+    cfg.update(hints)
+    return ModelConfig(**cfg), kind
+
+
+def _hints_from_file(obj: Any) -> dict[str, Any]:
+    """Model settings a checkpoint records beside its weights (MAE args, R-MAE config)."""
+    hints: dict[str, Any] = {}
+    if not isinstance(obj, dict):
+        return hints
+    args = obj.get("args")
+    if isinstance(args, argparse.Namespace):  # official MAE training checkpoint
+        a = vars(args)
+        for ours, theirs in (("norm_pix_loss", "norm_pix_loss"), ("mask_ratio", "mask_ratio")):
+            if theirs in a:
+                hints[ours] = a[theirs]
+    config = obj.get("config")
+    if isinstance(config, dict):  # official R-MAE trainer checkpoint: model_config.rmae.mae_vit.params
+        model_config = config.get("model_config", config)
+        vit = _find_key(model_config, "mae_vit")
+        params = vit.get("params", {}) if isinstance(vit, dict) else {}
+        for ours, theirs in (("num_regions", "num_region"), ("norm_pix_loss", "norm_pix_loss"),
+                             ("bg_loss_weight", "bg_loss_weight"), ("region_loss_weight", "region_loss_weight"),
+                             ("region_heads", "region_dec_num_heads")):
+            if params.get(theirs) is not None:
+                hints[ours] = params[theirs]
+        if hints.get("num_regions") == 0:  # the base config's placeholder, not a real k
+            hints.pop("num_regions")
+        mask_ratio = _find_key(model_config, "mask_ratio")
+        if isinstance(mask_ratio, float):
+            hints["mask_ratio"] = mask_ratio
+    return hints
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Read any supported file → (state dict without wrapper prefixes, config-or-hints, format).
+
+    The second item is the full saved config (a dict with a ``family`` key) for our files,
+    or hints recovered from foreign files.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    fmt = _sniff(path)
+    if fmt == "safetensors":
+        sd, meta = _load_safetensors(path)
+        if FORMAT_KEY in meta:
+            return _strip_prefixes(sd), json.loads(meta[FORMAT_KEY]), "rmae"
+        return _strip_prefixes(sd), {}, "safetensors"
+    obj = _torch_load(path)
+    return _strip_prefixes(_find_state_dict(obj, path)), _hints_from_file(obj), "torch"
+
+
+def _run_folder_weights(folder: Path) -> Path:
+    candidates = [folder / "model.safetensors", folder / "checkpoints" / "last.safetensors"]
+    for c in candidates:
+        if c.exists():
+            return c
+    ckpts = sorted((folder / "checkpoints").glob("*.safetensors"),
+                   key=lambda p: (int(m.group(1)) if (m := re.search(r"(\d+)", p.stem)) else -1, p.stat().st_mtime))
+    if not ckpts:
+        raise CheckpointError(f"{folder}: a run folder without weights (no model.safetensors or "
+                              "checkpoints/*.safetensors); train it first or import a checkpoint into it")
+    return ckpts[-1]
+
+
+def _run_folder_config(folder: Path) -> dict[str, Any] | None:
+    import yaml
+
+    cfg_file = folder / "config.yaml"
+    if not cfg_file.exists():
+        return None
+    try:
+        cfg = yaml.safe_load(cfg_file.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise CheckpointError(f"{cfg_file}: not valid YAML ({e}); fix or delete it") from None
+    if isinstance(cfg.get("model_config"), dict):
+        return cfg["model_config"]
+    return None
+
+
+def load_model(path: str | os.PathLike, strict: bool = True, **overrides: Any) -> MaskedAutoencoderViT:
+    """Load any supported checkpoint (see module docstring) into a model, detected by content.
+
+    ``overrides`` are model keywords the file cannot tell (``norm_pix_loss=False``,
+    ``num_regions=16``, ``num_heads=…``). The returned model has ``.source`` (the file read)
+    and ``.source_kind`` (what it was detected as). Raises :class:`CheckpointError`.
+    """
+    path = Path(path)
+    bad = sorted(set(overrides) - set(model_keywords()))
+    if bad:
+        raise TypeError(f"unknown model keyword(s) {bad}; valid: {model_keywords()}")
+    folder_config = None
+    if path.is_dir():
+        folder_config = _run_folder_config(path)
+        path = _run_folder_weights(path)
+    sd, info, fmt = read_checkpoint(path)
+
+    if fmt == "rmae" or folder_config is not None:
+        cfg_dict = dict(folder_config or info)
+        cfg_dict.update(overrides)
+        try:
+            config = ModelConfig.from_dict(cfg_dict)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: its saved config does not build a model ({e})") from None
+        kind = "rmae"
+    else:
+        config, kind = infer_config(sd, path, {**info, **overrides})
+
+    model = build_model(config)
+    _load_weights(model, sd, path, kind, strict)
+    model.source, model.source_kind = str(path), kind
+    return model
+
+
+def _load_weights(model: MaskedAutoencoderViT, sd: dict[str, torch.Tensor], path: Path, kind: str, strict: bool) -> None:
+    own = model.state_dict()
+    sd = dict(sd)
+    dropped = [k for k in list(sd) if k in _IGNORABLE and k not in own]
+    for k in dropped:
+        sd.pop(k)
+    if not model.config.has_pixel_branch:
+        # The official RAE-only model still builds an (unused) pixel decoder stem.
+        for k in [k for k in sd if k.startswith(("decoder_", "mask_token")) and k not in own]:
+            sd.pop(k)
+    encoder_only = kind.startswith("ViT encoder only")
+    expected = {k for k in own if not encoder_only or not k.startswith(("decoder_", "mask_token"))}
+    missing = sorted(expected - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    mismatched = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if strict and (missing or unexpected or mismatched):
+        lines = [f"{path}: does not fit the model built for it ({kind})."]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {missing[:8]}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+        for k in mismatched[:8]:
+            lines.append(f"  shape of {k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}")
+        lines.append(f"  the file looks like: {describe_layout(sd)}")
+        lines.append("  pass the settings it cannot tell as keywords (e.g. img_size=, num_regions=, region_variant=)")
+        raise CheckpointError("\n".join(lines))
+    for k in mismatched:
+        sd.pop(k)
+    model.load_state_dict(sd, strict=False)
+    if dropped:
+        warnings.warn(f"{path}: ignored {', '.join(sorted(set(_IGNORABLE[k] or k for k in dropped)))} ({len(dropped)} keys)")
+
+
+# ------------------------------------------------------------------------------------------
+# timm export
+
+_TIMM_SIZE = {192: "tiny", 384: "small", 768: "base", 1024: "large", 1280: "huge"}
+ENCODER_PREFIXES = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
+
+
+def timm_spec(config: ModelConfig) -> tuple[str, dict[str, Any]]:
+    """The timm model name and keywords that build this model's encoder (``num_classes=0``)."""
+    size = _TIMM_SIZE.get(config.embed_dim)
+    kwargs: dict[str, Any] = dict(num_classes=0, img_size=config.img_size if isinstance(config.img_size, int) else list(config.img_size), patch_size=config.patch_size,
+                                  in_chans=config.in_chans)
+    if size is None or HEADS_BY_WIDTH[config.embed_dim] != config.num_heads:
+        name = "vit_base_patch16_224"
+        kwargs.update(embed_dim=config.embed_dim, depth=config.depth, num_heads=config.num_heads)
+    else:
+        name = f"vit_{size}_patch{14 if size == 'huge' else 16}_224"
+        if config.depth != {"tiny": 12, "small": 12, "base": 12, "large": 24, "huge": 32}[size]:
+            kwargs["depth"] = config.depth
+    if config.mlp_ratio != 4.0:
+        kwargs["mlp_ratio"] = config.mlp_ratio
+    return name, kwargs
+
+
+def encoder_state_dict(model: MaskedAutoencoderViT) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(ENCODER_PREFIXES)}
+
+
+def export_timm(model: MaskedAutoencoderViT, path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """Write the encoder as a timm ``VisionTransformer`` state dict; returns (timm name, kwargs).
+
+    ``.safetensors`` (default) records the timm name and keywords in its metadata; any other
+    suffix is written with ``torch.save``. Load with::
+
+        vit = timm.create_model(name, **kwargs)        # kwargs include num_classes=0
+        vit.load_state_dict(safetensors.torch.load_file(path), strict=True)
+    """
+    name, kwargs = timm_spec(model.config)
+    sd = _contiguous(encoder_state_dict(model))
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        meta = {"format": "timm", "timm_model": name, "timm_kwargs": json.dumps(kwargs)}
+        atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=meta))
+    else:
+        atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    return name, kwargs
