@@ -93,6 +93,8 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = True
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(memory_dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -102,7 +104,10 @@ class CrossAttention(nn.Module):
         M = memory.shape[1]
         q = self.q(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(memory).reshape(B, M, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -220,9 +225,13 @@ def explicit_attention(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 
 def set_fused_attention(module: nn.Module, enabled: bool) -> None:
-    """Switch every :class:`Attention` in ``module`` between fused and explicit kernels."""
+    """Switch every attention layer in ``module`` between fused and explicit kernels.
+
+    Explicit kernels are what FLOP counters see (``FlopCounterMode`` does not count the CPU
+    fused kernel), so benchmarks count FLOPs with fused attention off.
+    """
     for m in module.modules():
-        if isinstance(m, Attention):
+        if isinstance(m, (Attention, CrossAttention)):
             m.fused_attn = enabled
 
 
