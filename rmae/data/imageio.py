@@ -48,9 +48,13 @@ def _open(path: Path, max_pixels: int) -> Image.Image:
         raise BadSampleError(str(path), f"decompression bomb: {err}") from None
     except FileNotFoundError:
         raise BadSampleError(str(path), "file not found") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.UnidentifiedImageError) as err:
-        # OSError covers "image file is truncated" and "cannot identify image file".
-        raise BadSampleError(str(path), f"cannot decode image ({err})") from None
+    except Image.UnidentifiedImageError:
+        raise BadSampleError(str(path), "not an image file (PIL cannot identify it)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        # OSError covers "image file is truncated"; keep the path out of the reason (the
+        # message names it once already).
+        reason = str(err).replace(str(path), "").replace("''", "").strip(" :")
+        raise BadSampleError(str(path), f"cannot decode image ({reason})") from None
 
 
 def _high_bit_to_uint8(arr: np.ndarray) -> np.ndarray:
