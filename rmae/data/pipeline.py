@@ -17,6 +17,10 @@
 [B, k, H, W] float32 {0, 1}, ``instances``/``classes`` [B, H, W] int64, ``label`` [B] int64,
 ``index`` [B] int64, ``keys`` list[str], ``skipped`` list[(path, reason)].
 
+Skipped files: workers record them in their own copy of the dataset; every batch carries them
+(``batch["skipped"]``). With your own DataLoader call ``dataset.skips.merge(batch["skipped"])``
+per batch so ``dataset.summary()`` in the main process is complete (RegionLoader does this).
+
 Reproducibility: the augmentation and region choice of item ``i`` come from
 ``np.random.default_rng([seed, epoch, i])`` — independent of worker count and order, so a run
 (or a resumed run) sees the same batches. Call :meth:`RegionDataset.set_epoch` each epoch, or
@@ -87,6 +91,9 @@ class RegionDataset(Dataset):
         self.normalize = normalize
         self.seed = int(seed)
         self.epoch = 0
+        # Build per-process resources (the scenes texture bank) here, in the main process, so
+        # forked DataLoader workers inherit them instead of rebuilding them every epoch.
+        base.prepare()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the augmentation stream of ``epoch`` (must be set in the main process before
@@ -193,7 +200,6 @@ class RegionLoader:
         self.epoch = int(epoch)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.base.prepare()
         self.dataset.set_epoch(self.epoch)
         g = torch.Generator()
         # SeedSequence, not hash(): string hashing is randomised per Python process.
