@@ -18,7 +18,7 @@ from .cache import RegionCache
 from .regions import RegionSource, parse_region_source
 from .specs import DataSpec, build_dataset
 
-_STATE: tuple[BaseDataset, RegionSource, RegionCache] | None = None
+_STATE: tuple[BaseDataset, RegionSource, RegionCache, bool] | None = None
 
 
 @dataclass
@@ -37,14 +37,14 @@ class PrecomputeStats:
                 f"{len(self.skipped)} skipped → {self.cache_dir}")
 
 
-def _init(state: tuple[BaseDataset, RegionSource, RegionCache]) -> None:
+def _init(state: tuple[BaseDataset, RegionSource, RegionCache, bool]) -> None:
     global _STATE
     _STATE = state
 
 
 def _work(indices: list[int]) -> tuple[int, int, list[tuple[str, str]]]:
     assert _STATE is not None
-    dataset, source, cache = _STATE
+    dataset, source, cache, strict = _STATE
     computed = cached = 0
     bad: list[tuple[str, str]] = []
     for i in indices:
@@ -62,7 +62,7 @@ def _work(indices: list[int]) -> tuple[int, int, list[tuple[str, str]]]:
             cache.put(source.name, key, source.compute(sample))
             computed += 1
         except BadSampleError as err:
-            if dataset.strict:
+            if strict:
                 raise
             bad.append((err.path, err.reason))
     return computed, cached, bad
@@ -91,7 +91,7 @@ def precompute_regions(spec: str | DataSpec | BaseDataset, source: str | RegionS
     """
     dataset = spec if isinstance(spec, BaseDataset) else build_dataset(
         spec, image_size=image_size, seed=seed, strict=strict)
-    dataset.strict = strict
+    strict = strict or dataset.strict
     src = parse_region_source(source, getattr(dataset, "root", None))
     if src is None:
         raise ValueError("precompute_regions needs a region source, e.g. 'fh'")
@@ -119,7 +119,7 @@ def precompute_regions(spec: str | DataSpec | BaseDataset, source: str | RegionS
         bar.update(size)
 
     dataset.prepare()
-    state = (dataset, src, cache)
+    state = (dataset, src, cache, strict)
     if workers == 1 or len(chunks) <= 1:
         _init(state)
         for c in chunks:

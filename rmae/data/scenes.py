@@ -231,7 +231,7 @@ class ScenesDataset(BaseDataset):
     """The embedded default dataset (see module docstring).
 
     Raw samples (see :mod:`rmae.data.base`) carry ``image``, ``instances``, ``classes``,
-    ``instance_classes``, ``boxes``, ``fills`` and ``label`` = (shape class of the largest
+    ``instance_classes``, ``boxes``, ``fills`` (empty when read back from ``cache_dir``) and ``label`` = (shape class of the largest
     visible object) − 1, in 0..6, so the set also serves image classification and probing.
 
     ``cache_dir``: optional folder for generated scenes (useful at large ``size``, where
