@@ -318,6 +318,14 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
 
 def _run_folder_weights(folder: Path) -> Path:
+    pointer = folder / "checkpoints" / "latest.json"
+    if pointer.exists():  # written by the trainer after a checkpoint is complete
+        try:
+            weights = folder / "checkpoints" / json.loads(pointer.read_text())["weights"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{pointer}: unreadable ({e}); delete it to fall back to the newest checkpoint") from None
+        if weights.exists():
+            return weights
     candidates = [folder / "model.safetensors", folder / "checkpoints" / "last.safetensors"]
     for c in candidates:
         if c.exists():
@@ -386,7 +394,7 @@ def _load_weights(model: MaskedAutoencoderViT, sd: dict[str, torch.Tensor], path
     for k in dropped:
         sd.pop(k)
     if not model.config.has_pixel_branch:
-        # The official RAE-only model still builds an (unused) pixel decoder stem.
+        # RAE-only files written by other code may carry an unused pixel-decoder stem.
         for k in [k for k in sd if k.startswith(("decoder_", "mask_token")) and k not in own]:
             sd.pop(k)
     encoder_only = kind.startswith("ViT encoder only")
