@@ -104,6 +104,7 @@ def precompute_regions(spec: str | DataSpec | BaseDataset, source: str | RegionS
 
     from tqdm import tqdm
 
+    dataset.prepare()  # e.g. the scenes texture bank: once here, inherited by forked workers
     bar = tqdm(total=n, desc=f"regions {src.spec()}", unit="img", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -118,7 +119,6 @@ def precompute_regions(spec: str | DataSpec | BaseDataset, source: str | RegionS
             stats.skipped.setdefault(path, reason)
         bar.update(size)
 
-    dataset.prepare()
     state = (dataset, src, cache, strict)
     if workers == 1 or len(chunks) <= 1:
         _init(state)
