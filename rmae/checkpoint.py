@@ -287,7 +287,7 @@ def _hints_from_file(obj: Any) -> dict[str, Any]:
         params = vit.get("params", {}) if isinstance(vit, dict) else {}
         for ours, theirs in (("num_regions", "num_region"), ("norm_pix_loss", "norm_pix_loss"),
                              ("bg_loss_weight", "bg_loss_weight"), ("region_loss_weight", "region_loss_weight"),
-                             ("region_heads", "region_dec_num_heads")):
+                             ("region_heads", "region_dec_num_heads"), ("region_mask_ratio", "region_mask_ratio")):
             if params.get(theirs) is not None:
                 hints[ours] = params[theirs]
         if hints.get("num_regions") == 0:  # the base config's placeholder, not a real k
@@ -295,6 +295,8 @@ def _hints_from_file(obj: Any) -> dict[str, Any]:
         mask_ratio = _find_key(model_config, "mask_ratio")
         if isinstance(mask_ratio, float):
             hints["mask_ratio"] = mask_ratio
+        if hints.get("region_mask_ratio") == hints.get("mask_ratio", 0.75):
+            hints.pop("region_mask_ratio", None)  # equal ratios: the shared mask, nothing to record
     return hints
 
 

@@ -224,3 +224,22 @@ def test_registry_names():
     assert "rmae_vit_base_patch16" in names and "mae_vit_huge_patch14" in names and "rae_vit_tiny_patch8" in names
     cfg = rmae.create_model("mae_vit_small_patch16", img_size=32, depth=1).config
     assert (cfg.embed_dim, cfg.num_heads, cfg.patch_size) == (384, 6, 16)
+
+
+def test_separate_region_mask_shares_the_permutation():
+    torch.manual_seed(0)
+    model = _small("rmae_vit_tiny_patch8").eval()
+    images, regions, noise = torch.randn(2, 3, 32, 32), _regions(2, 2, 32), torch.rand(2, 16)
+    with torch.no_grad():
+        shared = model(images, regions=regions, noise=noise)
+        assert torch.equal(shared.region_mask, shared.mask)
+        # interactive use: the whole image visible, 3 region patches visible ("clicks")
+        clicks = model(images, regions=regions, noise=noise, mask_ratio=0.0, num_visible_regions=3)
+    assert clicks.mask.sum() == 0 and clicks.loss_pixel == 0  # nothing masked: 0, not NaN
+    first3 = noise.argsort(1)[:, :3]
+    expected = torch.ones(2, 16).scatter_(1, first3, 0.0)
+    assert torch.equal(clicks.region_mask, expected)
+    assert torch.isfinite(clicks.loss_region)
+    ratio = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=1, region_mask_ratio=0.5)
+    out = ratio(images, regions=regions, noise=noise)
+    assert out.mask.sum(1).tolist() == [12, 12] and out.region_mask.sum(1).tolist() == [8, 8]

@@ -72,6 +72,7 @@ class ModelConfig:
     region_heads: int = 8  # heads of region encoder, neck and decoder (official: 8)
     bg_loss_weight: float = 1.0  # w_b, weight of background pixels in the region BCE
     region_loss_weight: float = 1.0  # λ in L = L_pixel + λ·L_region
+    region_mask_ratio: float | None = None  # None: the pixel mask (paper); else the official region_mask_ratio
     # fine-tuning
     drop_path_rate: float = 0.0
     name: str = field(default="", compare=False)  # registered name it was built from, if any

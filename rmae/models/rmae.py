@@ -50,7 +50,9 @@ class MaskedAEOutput:
     loss_region   scalar BCE over removed patches (None for MAE)
     pred_pixel    [B, L, p·p·C] predicted patches (normalised space when norm_pix_loss)
     pred_region   [B, k, L, p·p] region logits
-    mask          [B, L] float, 0 is keep, 1 is remove
+    mask          [B, L] float, 0 is keep, 1 is remove (the pixel branch's mask)
+    region_mask   [B, L] the region branch's mask: the same permutation, so it equals ``mask``
+                  unless a separate region mask ratio / visible count was asked for (None for MAE)
     """
 
     loss: torch.Tensor
@@ -59,6 +61,7 @@ class MaskedAEOutput:
     pred_pixel: torch.Tensor | None
     pred_region: torch.Tensor | None
     mask: torch.Tensor
+    region_mask: torch.Tensor | None = None
 
 
 def _fixed(t: torch.Tensor) -> nn.Parameter:
@@ -189,21 +192,32 @@ class MaskedAutoencoderViT(nn.Module):
         (0 is keep, 1 is remove). Ascending: the l = int(L·(1 − mask_ratio)) smallest-noise
         patches are kept (``num_visible`` sets l directly, e.g. for interactive clicks).
         """
+        ids_shuffle, ids_restore = self._permutation(batch, device, noise)
+        ids_keep, mask = self._keep(ids_shuffle, ids_restore, self._len_keep(mask_ratio, num_visible))
+        return ids_keep, ids_restore, mask
+
+    def _permutation(self, batch: int, device: torch.device, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         L = self.num_patches
         if noise is None:
             noise = torch.rand(batch, L, device=device)
         elif noise.shape != (batch, L):
             raise ValueError(f"noise must have shape [B, L] = [{batch}, {L}], got {list(noise.shape)}")
+        ids_shuffle = torch.argsort(noise.to(device), dim=1)
+        return ids_shuffle, torch.argsort(ids_shuffle, dim=1)
+
+    def _len_keep(self, mask_ratio: float, num_visible: int | None) -> int:
+        L = self.num_patches
         len_keep = int(L * (1 - mask_ratio)) if num_visible is None else int(num_visible)
         if not 1 <= len_keep <= L:
             raise ValueError(f"{len_keep} visible patches out of {L}: need at least one and at most all")
-        ids_shuffle = torch.argsort(noise.to(device), dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        ids_keep = ids_shuffle[:, :len_keep]
-        mask = torch.ones(batch, L, device=device)
+        return len_keep
+
+    @staticmethod
+    def _keep(ids_shuffle: torch.Tensor, ids_restore: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        B, L = ids_shuffle.shape
+        mask = torch.ones(B, L, device=ids_shuffle.device)
         mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
-        return ids_keep, ids_restore, mask
+        return ids_shuffle[:, :len_keep], torch.gather(mask, 1, ids_restore)
 
     # ---------------------------------------------------------------------------------------
     # pixel encoder
@@ -262,7 +276,7 @@ class MaskedAutoencoderViT(nn.Module):
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
         per_patch = ((pred.float() - target) ** 2).mean(dim=-1)  # [B, L]
-        return (per_patch * mask).sum() / mask.sum()
+        return (per_patch * mask).sum() / mask.sum().clamp(min=1)  # 0, not NaN, when nothing is masked
 
     # ---------------------------------------------------------------------------------------
     # region branch
@@ -363,23 +377,31 @@ class MaskedAutoencoderViT(nn.Module):
         if self.config.bg_loss_weight != 1.0:
             loss = loss * torch.where(target == 0, self.config.bg_loss_weight, target)
         per_patch = loss.mean(dim=-1).mean(dim=1)  # [B, L]
-        return (per_patch * mask).sum() / mask.sum()
+        return (per_patch * mask).sum() / mask.sum().clamp(min=1)
 
     # ---------------------------------------------------------------------------------------
 
     def forward(self, images: torch.Tensor, regions: torch.Tensor | None = None, mask_ratio: float | None = None,
-                noise: torch.Tensor | None = None, num_visible: int | None = None) -> MaskedAEOutput:
+                noise: torch.Tensor | None = None, num_visible: int | None = None,
+                region_mask_ratio: float | None = None, num_visible_regions: int | None = None) -> MaskedAEOutput:
         """images [B, C, H, W]; regions [B, k, H, W] binary (required for rae/rmae, ignored
         for mae); noise [B, L] fixes the mask (argsort ascending, first kept);
-        ``num_visible`` overrides the number of kept patches. See :class:`MaskedAEOutput`."""
+        ``num_visible`` overrides the number of kept patches. See :class:`MaskedAEOutput`.
+
+        The region branch uses the same permutation; by default the same number of visible
+        patches too (the paper). ``region_mask_ratio`` / ``num_visible_regions`` (or the config's
+        ``region_mask_ratio``) keep a different number — the official code's
+        ``region_mask_ratio``; e.g. interactive segmentation shows the whole image
+        (``mask_ratio=0``) and a few region patches (``num_visible_regions=n``)."""
         c = self.config
         self._check_images(images)
         B = images.shape[0]
-        ids_keep, ids_restore, mask = self.masking(B, images.device, c.mask_ratio if mask_ratio is None else mask_ratio,
-                                                   noise, num_visible)
+        ids_shuffle, ids_restore = self._permutation(B, images.device, noise)
+        ids_keep, mask = self._keep(ids_shuffle, ids_restore,
+                                    self._len_keep(c.mask_ratio if mask_ratio is None else mask_ratio, num_visible))
         latent = self.forward_encoder(images, ids_keep)
 
-        pred_pixel = loss_pixel = pred_region = loss_region = None
+        pred_pixel = loss_pixel = pred_region = loss_region = region_mask = None
         if c.has_pixel_branch:
             pred_pixel = self.forward_pixel_decoder(latent, ids_restore)
             loss_pixel = self.pixel_loss(images, pred_pixel, mask)
@@ -389,9 +411,15 @@ class MaskedAutoencoderViT(nn.Module):
             if regions.ndim != 4 or regions.shape[0] != B or tuple(regions.shape[2:]) != c.image_hw:
                 raise ValueError(f"regions must be [B={B}, k, {c.image_hw[0]}, {c.image_hw[1]}], got {list(regions.shape)}")
             regions = regions.to(dtype=images.dtype)
+            region_ratio = region_mask_ratio if region_mask_ratio is not None else c.region_mask_ratio
+            if region_ratio is None and num_visible_regions is None:
+                region_keep, region_mask = ids_keep, mask
+            else:
+                n = self._len_keep(region_ratio if region_ratio is not None else 0.0, num_visible_regions)
+                region_keep, region_mask = self._keep(ids_shuffle, ids_restore, n)
             memory = self.forward_neck(latent, ids_restore)
-            pred_region = self.forward_region_decoder(regions, ids_keep, ids_restore, memory)
-            loss_region = self.region_loss(regions, pred_region, mask)
+            pred_region = self.forward_region_decoder(regions, region_keep, ids_restore, memory)
+            loss_region = self.region_loss(regions, pred_region, region_mask)
 
         if loss_pixel is not None and loss_region is not None:
             loss = loss_pixel + c.region_loss_weight * loss_region
@@ -399,4 +427,4 @@ class MaskedAutoencoderViT(nn.Module):
             loss = loss_pixel
         else:
             loss = c.region_loss_weight * loss_region
-        return MaskedAEOutput(loss, loss_pixel, loss_region, pred_pixel, pred_region, mask)
+        return MaskedAEOutput(loss, loss_pixel, loss_region, pred_pixel, pred_region, mask, region_mask)

@@ -107,6 +107,7 @@ def _batches(ds: RegionDataset, plan: BatchPlan, start_step: int, num_workers: i
                             collate_fn=collate_regions, worker_init_fn=seed_worker,
                             persistent_workers=False)
         for batch in loader:
+            ds.skips.merge(batch["skipped"])  # files skipped inside workers reach us only here
             yield epoch, batch
         if ds.skips.count:
             print(f"epoch {epoch}: {ds.summary()}", flush=True)
