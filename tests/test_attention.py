@@ -80,8 +80,12 @@ def test_rollout_equals_manual_product_and_rows_stay_stochastic():
     assert torch.allclose(got, expected, atol=1e-6)
     assert torch.allclose(got.sum(-1), torch.ones(2, 5), atol=1e-6)
     # vit-explain's normalisation (no keepdim) broadcasts the sums along the wrong axis:
-    m = (0.5 * layers[0].mean(1) + 0.5 * torch.eye(5))[0]  # one image, [N, N]
-    wrong = m / m.sum(dim=-1)  # [N, N] / [N]: divides column j by row j's sum
+    # With max head fusion rows no longer sum to 1 before normalising, which is where the
+    # normalisation axis matters. vit-explain divides [N, N] by [N] (no keepdim): column j by
+    # row j's sum, so its rows do not sum to 1; ours do.
+    assert torch.allclose(rollout(layers, head_fusion="max").sum(-1), torch.ones(2, 5), atol=1e-6)
+    m = (0.5 * layers[0].max(1).values + 0.5 * torch.eye(5))[0]  # one image, [N, N]
+    wrong = m / m.sum(dim=-1)
     assert not torch.allclose(wrong.sum(-1), torch.ones(5), atol=1e-3)
     assert rollout_maps(layers, (2, 2)).shape == (2, 2, 2)
 
