@@ -1,0 +1,79 @@
+"""Interactive segmentation protocol: ownership, clicks, pasting, baselines, curve."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import rmae
+from analysis.interactive import interactive_curve, iou, patch_ownership, predict_from_clicks
+from rmae.data import RegionDataset, build_dataset, collate_regions
+
+
+def test_patch_ownership_majority_vote():
+    inst = torch.zeros(1, 4, 4, dtype=torch.long)
+    inst[0, :2, :2] = 3  # patch (0,0) fully instance 3
+    inst[0, :2, 2] = 5  # patch (0,1): half 5, half background → tie broken by torch.mode (smallest)
+    inst[0, 2:, 2:] = 7
+    inst[0, 3, 3] = 0  # patch (1,1): 3 of 4 pixels are 7
+    own = patch_ownership(inst, 2)
+    assert own.tolist() == [[3, 0, 0, 7]]
+
+
+def test_iou():
+    a = torch.zeros(1, 4, 4, dtype=torch.bool)
+    b = a.clone()
+    a[0, :2], b[0, 1:3] = True, True
+    assert iou(a, b).item() == pytest.approx(4 / 12)
+
+
+@pytest.fixture(scope="module")
+def val_batch():
+    ds = RegionDataset(build_dataset("scenes:val:8", image_size=64), source=None, cache=None, image_size=64,
+                       train=False, crop_pct=1.0)
+    return collate_regions([ds[i] for i in range(8)])
+
+
+@pytest.mark.parametrize("variant", ["length", "batch", "channel"])
+def test_predict_from_clicks_pastes_the_clicked_patches(variant, val_batch):
+    torch.manual_seed(0)
+    model = rmae.create_model("rae_vit_tiny_patch8", img_size=64, depth=1, region_variant=variant, num_regions=4)
+    masks = (val_batch["instances"][:2] == 1)
+    clicks = torch.tensor([[0, 5], [3, 9]])
+    prob = predict_from_clicks(model, val_batch["images"][:2], masks, clicks)
+    assert prob.shape == (2, 64, 64) and ((0 <= prob) & (prob <= 1)).all()
+    for i, (q0, q1) in enumerate(clicks.tolist()):
+        for q in (q0, q1):
+            y, x = divmod(q, 8)
+            assert torch.equal(prob[i, y * 8:(y + 1) * 8, x * 8:(x + 1) * 8], masks[i, y * 8:(y + 1) * 8, x * 8:(x + 1) * 8].float())
+    # every patch clicked: the user gave the whole mask
+    everything = torch.arange(64).expand(2, 64)
+    assert torch.equal(predict_from_clicks(model, val_batch["images"][:2], masks, everything) > 0.5, masks)
+
+
+def test_mae_has_no_region_decoder(val_batch):
+    mae = rmae.create_model("mae_vit_tiny_patch8", img_size=64, depth=1)
+    with pytest.raises(ValueError, match="no region decoder"):
+        predict_from_clicks(mae, val_batch["images"][:1], val_batch["instances"][:1] == 1, torch.tensor([[0]]))
+
+
+def test_curve_on_the_same_clicks_for_every_model(val_batch):
+    torch.manual_seed(0)
+    models = {"rae": rmae.create_model("rae_vit_tiny_patch8", img_size=64, depth=1).eval(),
+              "mae": rmae.create_model("mae_vit_tiny_patch8", img_size=64, depth=1).eval()}
+    curve = interactive_curve(models, [val_batch], clicks=(1, 2, 4, 100))
+    assert set(curve.iou) == {"rae", "clicked", "fh"}  # MAE has no region decoder
+    n_pairs = len(curve.image_ids)
+    assert n_pairs >= 8 and all(len(curve.iou[k][n]) == n_pairs for k in curve.iou for n in curve.clicks)
+    assert all(math.isnan(v) for v in curve.iou["clicked"][100])  # no instance owns 100 of 64 patches
+    # on the pairs with at least 4 patches, nested click sets make the clicked-only IoU rise
+    common = [i for i, v in enumerate(curve.iou["clicked"][4]) if not math.isnan(v)]
+    assert len(common) >= 4
+    clicked = {n: sum(curve.iou["clicked"][n][i] for i in common) for n in (1, 2, 4)}
+    assert clicked[1] < clicked[2] < clicked[4]
+    fh = {n: sum(curve.iou["fh"][n][i] for i in common) for n in (1, 2, 4)}
+    assert fh[1] > clicked[1]  # FH segments under one click cover more of the object than the click
+    again = interactive_curve(models, [val_batch], clicks=(1, 2, 4, 100))
+    assert again.iou["rae"][2] == curve.iou["rae"][2]  # deterministic clicks
