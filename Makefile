@@ -13,6 +13,8 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@# Debian's chromium drives the dashboard's real-browser test (Playwright cannot download one here).
+	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet $(TORCH_PINS)
