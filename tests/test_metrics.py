@@ -1,0 +1,441 @@
+"""analysis.metrics against hand-built cases with known answers, plus a real tiny model."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import rmae
+from analysis import metrics as M
+
+P = 8  # patch size used by the hand-built cases
+
+
+def _with_cls(patch_rows: torch.Tensor, cls_mass: float = 0.3) -> torch.Tensor:
+    """Embed patch→patch rows ``[B, h, L, L]`` into a ``[B, h, 1+L, 1+L]`` map whose every row
+    also puts ``cls_mass`` on the cls key (so metrics must drop cls and renormalise)."""
+    B, h, L, _ = patch_rows.shape
+    a = torch.zeros(B, h, 1 + L, 1 + L, dtype=torch.float64)
+    a[..., 0] = cls_mass
+    a[..., 1:, 1:] = (1 - cls_mass) * patch_rows.double()
+    a[:, :, 0, 1:] = (1 - cls_mass) / L  # cls query: uniform over patches
+    return a
+
+
+def _uniform(B: int, h: int, L: int) -> torch.Tensor:
+    return _with_cls(torch.full((B, h, L, L), 1.0 / L))
+
+
+# ------------------------------------------------------------------------------------------
+# distance, entropy, NMI
+
+
+@pytest.mark.parametrize("grid, patch", [((3, 4), 8), ((1, 2), 16), ((5, 5), (4, 6))])
+def test_uniform_attention_distance_is_mean_pairwise_distance(grid, patch):
+    gh, gw = grid
+    ph, pw = (patch, patch) if isinstance(patch, int) else patch
+    centres = [((r + 0.5) * ph, (c + 0.5) * pw) for r in range(gh) for c in range(gw)]
+    expected = sum(math.dist(a, b) for a, b in itertools.product(centres, centres)) / len(centres) ** 2
+    d = M.mean_attention_distance(_uniform(2, 3, gh * gw), grid, patch)
+    assert d.shape == (2, 3) and d.dtype == torch.float64
+    torch.testing.assert_close(d, torch.full((2, 3), expected, dtype=torch.float64))
+    if grid == (1, 2):
+        assert expected == pytest.approx(8.0)  # (0 + 16) / 2
+
+
+def test_attention_distance_of_local_maps():
+    L = 12
+    eye = torch.eye(L).expand(1, 1, L, L)
+    assert M.mean_attention_distance(_with_cls(eye), (3, 4), P).abs().max() == 0
+    # every query attends its right neighbour (wrapping rows use the left neighbour): distance = P
+    right = torch.zeros(1, 1, L, L)
+    for i in range(L):
+        j = i + 1 if (i % 4) < 3 else i - 1
+        right[0, 0, i, j] = 1
+    torch.testing.assert_close(M.mean_attention_distance(_with_cls(right), (3, 4), P),
+                               torch.full((1, 1), float(P), dtype=torch.float64))
+
+
+def test_entropy_uniform_and_one_hot():
+    L = 16
+    torch.testing.assert_close(M.attention_entropy(_uniform(2, 3, L)),
+                               torch.full((2, 3), math.log(L), dtype=torch.float64))
+    eye = torch.eye(L).expand(2, 3, L, L)
+    assert M.attention_entropy(_with_cls(eye)).abs().max() < 1e-12
+
+
+def test_nmi_collapse_and_identity():
+    L = 9
+    shared = torch.softmax(torch.randn(L), 0)
+    collapsed = _with_cls(shared.expand(2, 2, L, L))
+    assert M.attention_nmi(collapsed).abs().max() < 1e-12
+    eye = _with_cls(torch.eye(L).expand(2, 2, L, L))
+    torch.testing.assert_close(M.attention_nmi(eye), torch.ones(2, 2, dtype=torch.float64))
+    perm = torch.eye(L)[torch.randperm(L)].expand(1, 1, L, L)  # distinct one-hot keys: still 1
+    torch.testing.assert_close(M.attention_nmi(_with_cls(perm)), torch.ones(1, 1, dtype=torch.float64))
+    # total collapse onto one key: H(K) = 0, defined as 0
+    one_key = torch.zeros(1, 1, L, L)
+    one_key[..., 3] = 1
+    assert M.attention_nmi(_with_cls(one_key)).item() == 0
+
+
+def test_nmi_equals_park_et_al_formula():
+    """Direct transcription of Park et al.'s definition (p(q) uniform, no prefix tokens)."""
+    torch.manual_seed(0)
+    a = torch.softmax(torch.randn(3, 4, 10, 10, dtype=torch.float64) * 2, dim=-1)
+    q = a.shape[-2]
+    pq = torch.full(a.shape[:2] + (q,), 1.0 / q, dtype=torch.float64)
+    pk = (a * pq[..., None]).sum(-2)
+    mi = (a * pq[..., None] * torch.log(a / pk[..., None, :])).sum((-2, -1))
+    eq = -(pq * pq.log()).sum(-1)
+    ek = -(pk * pk.log()).sum(-1)
+    torch.testing.assert_close(M.attention_nmi(a, num_prefix=0), mi / torch.sqrt(eq * ek))
+
+
+def test_layer_sequences_stack_at_dim_1():
+    layers = [_uniform(2, 3, 16), _with_cls(torch.eye(16).expand(2, 3, 16, 16))]
+    d = M.mean_attention_distance(layers, (4, 4), P)
+    assert d.shape == (2, 2, 3)
+    assert d[:, 1].abs().max() == 0 and d[:, 0].min() > 0
+    torch.testing.assert_close(M.attention_entropy(torch.stack(layers)), M.attention_entropy(layers))
+    with pytest.raises(ValueError, match="patches"):
+        M.mean_attention_distance(layers, (3, 4), P)  # grid does not match N
+
+
+# ------------------------------------------------------------------------------------------
+# thresholding
+
+
+def test_keep_mass_threshold_exact_cases():
+    def t(values):  # float64, so decimal literals mean what they say (0.3f + 0.4f ≠ 0.7·total in float32)
+        return torch.tensor(values, dtype=torch.float64)
+
+    assert M.keep_mass_threshold(t([0.5, 0.3, 0.2]), 0.6).tolist() == [True, True, False]
+    assert M.keep_mass_threshold(t([0.4, 0.2, 0.4]), 0.8).tolist() == [True, False, True]
+    # exact prefix sum 0.4 + 0.3 = 0.7 reaches 0.7: two kept; tie 0.3/0.3 → lower index first
+    assert M.keep_mass_threshold(t([0.3, 0.3, 0.4]), 0.7).tolist() == [True, False, True]
+    assert M.keep_mass_threshold(torch.ones(5), 0.6).tolist() == [True, True, True, False, False]
+    assert M.keep_mass_threshold(t([0.0, 0.5, 0.5, 0.0]), 1.0).tolist() == [False, True, True, False]
+    assert not M.keep_mass_threshold(torch.zeros(4), 0.6).any()
+    assert not M.keep_mass_threshold(t([1.0, 2.0]), 0.0).any()
+    grid = torch.tensor([[[0.1, 0.6], [0.2, 0.1]]])
+    assert M.keep_mass_threshold(grid, 0.7, ndim=2).tolist() == [[[False, True], [True, False]]]
+    with pytest.raises(ValueError, match="non-negative"):
+        M.keep_mass_threshold(t([0.5, -0.1]))
+
+
+@pytest.mark.parametrize("mass", [0.1, 0.6, 0.9, 1.0])
+def test_keep_mass_threshold_keeps_mass_minimally(mass):
+    torch.manual_seed(1)
+    maps = torch.rand(50, 37) ** 3  # skewed values
+    keep = M.keep_mass_threshold(maps, mass)
+    total = maps.double().sum(-1)
+    kept = (maps.double() * keep).sum(-1)
+    assert (kept >= mass * total * (1 - 1e-9)).all()  # reaches the mass …
+    smallest_kept = torch.where(keep, maps, torch.full_like(maps, float("inf"))).min(-1).values.double()
+    assert (kept - smallest_kept < mass * total).all()  # … and no entry could be dropped
+    largest_dropped = torch.where(keep, torch.full_like(maps, -1.0), maps).max(-1).values
+    assert (largest_dropped <= smallest_kept.float()).all()  # the kept set is a top set
+
+
+# ------------------------------------------------------------------------------------------
+# instance-awareness
+
+
+def _two_instances() -> torch.Tensor:
+    """[1, 16, 16] map on a 4×4 grid of 4-px patches: instance 1 = grid block (0:2, 0:2),
+    instance 2 = grid block (2:4, 2:4) but patch (2, 2) only 12/16 covered, rest background."""
+    inst = torch.zeros(1, 16, 16, dtype=torch.long)
+    inst[0, 0:8, 0:8] = 1
+    inst[0, 8:16, 8:16] = 2
+    inst[0, 8, 8:12] = 0  # first pixel row of patch (2, 2) is background: 12/16 instance 2
+    return inst
+
+
+def _owner_grid() -> torch.Tensor:
+    owner, _ = M.patch_ownership(_two_instances(), 4)
+    return owner[0].reshape(-1)
+
+
+def test_patch_ownership_majority_purity_and_ties():
+    inst = _two_instances()
+    owner, purity = M.patch_ownership(inst, 4)
+    assert owner.shape == (1, 4, 4)
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]])
+    assert torch.equal(owner[0], expected)
+    assert purity[0, 2, 2].item() == pytest.approx(12 / 16) and purity[0, 0, 0] == 1
+    tie = torch.zeros(4, 4, dtype=torch.long)
+    tie[:2] = 7  # half the pixels: background (lower id) wins the tie
+    o, p = M.patch_ownership(tie, 4)
+    assert o.item() == 0 and p.item() == 0.5
+    three = torch.tensor([[3, 3, 5, 5], [3, 3, 5, 0], [0, 0, 0, 0], [5, 5, 9, 9]])
+    o, p = M.patch_ownership(three, 4)  # 5 has 5 px, 0 has 5 px, 3 has 4 → tie 0/5 → 0
+    assert o.item() == 0
+    sparse = torch.full((1, 8, 8), 100_000, dtype=torch.long)  # sparse large ids are fine
+    assert M.patch_ownership(sparse, 4)[0].unique().item() == 100_000
+
+
+def test_attention_on_own_instance_gives_mass_one_leak_zero_jaccard_one():
+    owner = _owner_grid()
+    L = owner.numel()
+    rows = torch.full((L, L), 1.0 / L)
+    for q in range(L):
+        if owner[q] > 0:
+            same = (owner == owner[q]).double()
+            rows[q] = same / same.sum()
+    attn = _with_cls(rows.expand(1, 2, L, L))
+    res = M.instance_awareness(attn, _two_instances(), 4, mass=1.0)
+    one = torch.ones(1, dtype=torch.float64)
+    torch.testing.assert_close(res.mass, one)
+    torch.testing.assert_close(res.leak, 0 * one)
+    torch.testing.assert_close(res.background, 0 * one)
+    torch.testing.assert_close(res.jaccard, one)
+    assert res.num_queries.tolist() == [8]
+    # DINO's 60 %: a map uniform over a 4-patch instance keeps ceil(0.6·4) = 3 patches → J = 3/4
+    res60 = M.instance_awareness(attn, _two_instances(), 4)
+    torch.testing.assert_close(res60.jaccard, torch.full((1,), 0.75, dtype=torch.float64))
+
+
+def test_attention_spread_to_other_instance_gives_leak():
+    owner = _owner_grid()
+    L = owner.numel()
+    fg, bg = owner > 0, owner == 0
+
+    def rows_for(own_w: float, other_w: float, bg_w: float) -> torch.Tensor:
+        rows = torch.full((L, L), 1.0 / L)
+        for q in range(L):
+            if fg[q]:
+                same = (owner == owner[q]).double()
+                other = (fg & (owner != owner[q])).double()
+                rows[q] = own_w * same / same.sum() + other_w * other / other.sum() + bg_w * bg.double() / bg.sum()
+        return rows
+
+    heads = torch.stack([rows_for(0.7, 0.2, 0.1), rows_for(0.25, 0.5, 0.25)])
+    attn = _with_cls(heads[None])
+    res = M.instance_awareness(attn, _two_instances(), 4, heads="each")
+    assert res.mass.shape == (1, 2)
+    torch.testing.assert_close(res.mass[0], torch.tensor([0.7, 0.25], dtype=torch.float64))
+    torch.testing.assert_close(res.leak[0], torch.tensor([0.2, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(res.background[0], torch.tensor([0.1, 0.25], dtype=torch.float64))
+    mean = M.instance_awareness(attn, _two_instances(), 4)  # head-mean = mean of per-head masses
+    torch.testing.assert_close(mean.mass, res.mass.mean(-1))
+    torch.testing.assert_close(mean.leak, res.leak.mean(-1))
+    # purity: patch (2, 2) is 12/16 instance 2 → excluded as a query at min_purity 0.8
+    strict = M.instance_awareness(attn, _two_instances(), 4, min_purity=0.8)
+    assert strict.num_queries.tolist() == [7] and mean.num_queries.tolist() == [8]
+
+
+def test_instance_awareness_per_image_nan_and_pooling():
+    inst = torch.cat([_two_instances(), torch.zeros(1, 16, 16, dtype=torch.long)])
+    L = 16
+    attn = [_uniform(2, 3, L), _uniform(2, 3, L)]
+    res = M.instance_awareness(attn, inst, 4)
+    assert res.mass.shape == (2, 2) and res.num_queries.tolist() == [8, 0]
+    assert torch.isnan(res.mass[1]).all()  # no instance → undefined, not 0
+    torch.testing.assert_close(res.mass[0], torch.full((2,), 4 / 16, dtype=torch.float64))  # uniform = share
+    pooled = res.pooled()
+    torch.testing.assert_close(pooled["instance_mass"], res.mass[0])
+    assert set(res.as_dict()) == {"instance_mass", "instance_leak", "background_mass", "instance_jaccard"}
+    both = M.InstanceAwareness.cat([res, res])
+    assert both.mass.shape == (4, 2) and both.num_queries.tolist() == [8, 0, 8, 0]
+    each = M.instance_awareness(attn, inst, 4, heads="each")
+    assert each.jaccard.shape == (2, 2, 3)
+
+
+def test_cls_jaccard():
+    inst = _two_instances()
+    owner = _owner_grid()
+    L = owner.numel()
+    fg = (owner > 0).double()
+    attn = _uniform(3, 2, L)
+    attn[0, :, 0, 1:] = 0.7 * fg / fg.sum()  # cls attends exactly the objects
+    attn[1, :, 0, 1:] = 0.7 * (1 - fg) / (1 - fg).sum()  # only background
+    fg_pixels = torch.cat([inst, inst, torch.zeros_like(inst)])
+    j = M.cls_jaccard(attn, fg_pixels, 4, mass=1.0)
+    assert j.shape == (3,)
+    assert j[0].item() == pytest.approx(1.0) and j[1].item() == 0 and torch.isnan(j[2])
+    assert M.cls_jaccard([attn, attn], fg_pixels > 0, 4, heads="each").shape == (3, 2, 2)
+
+
+# ------------------------------------------------------------------------------------------
+# CKA
+
+
+def _gram_cka(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Independent reference: HSIC with centred Gram matrices (Kornblith et al. Eq. 3)."""
+    n = X.shape[0]
+    H = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    K, Lm = X.double() @ X.double().T, Y.double() @ Y.double().T
+    hsic = lambda A, B: torch.trace(A @ H @ B @ H)  # noqa: E731
+    return hsic(K, Lm) / torch.sqrt(hsic(K, K) * hsic(Lm, Lm))
+
+
+def test_linear_cka_properties():
+    torch.manual_seed(2)
+    X = torch.randn(60, 10)
+    Y = X @ torch.randn(10, 7) + 0.5 * torch.randn(60, 7)
+    assert M.linear_cka(X, X).item() == pytest.approx(1.0, abs=1e-12)
+    Q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
+    base = M.linear_cka(X, Y)
+    assert M.linear_cka(X.double() @ Q * 3.7, Y).item() == pytest.approx(base.item(), abs=1e-12)
+    assert M.linear_cka(X, Y.double() * 0.01 + 5).item() == pytest.approx(base.item(), abs=1e-12)
+    torch.testing.assert_close(base, _gram_cka(X, Y))
+    assert 0 < base < 1
+    # not invariant to a non-orthogonal, non-isotropic map
+    assert abs(M.linear_cka(X * torch.linspace(0.1, 10, 10), Y) - base) > 1e-3
+
+
+def test_streaming_cka_equals_one_shot():
+    torch.manual_seed(3)
+    n = 90
+    A = [torch.randn(n, 6) + 1e4, torch.randn(n, 5)]  # large mean: exercises the shift
+    B = [A[0] @ torch.randn(6, 4) + torch.randn(n, 4), torch.randn(n, 3), A[1][:, :2] ** 2]
+    acc = M.StreamingCKA()
+    for s in (slice(0, 7), slice(7, 50), slice(50, n)):
+        acc.update([a[s] for a in A], [b[s] for b in B])
+    out = acc.compute()
+    assert out.shape == (2, 3) and acc.n == n
+    expected = torch.tensor([[M.linear_cka(a, b).item() for b in B] for a in A], dtype=torch.float64)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_layer_cka_between_real_models():
+    torch.manual_seed(0)
+    mae = rmae.create_model("mae_vit_tiny_patch8", img_size=32, depth=2)
+    rm = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=3)
+    images = [torch.randn(3, 3, 32, 32) for _ in range(2)]
+    same = M.layer_cka(mae, mae, images, tokens="patch")
+    torch.testing.assert_close(torch.diagonal(same), torch.ones(2, dtype=torch.float64))
+    cross = M.layer_cka(mae, rm, images, tokens="mean")
+    assert cross.shape == (2, 3) and ((cross >= 0) & (cross <= 1 + 1e-9)).all()
+    assert mae.training  # mode restored
+
+
+# ------------------------------------------------------------------------------------------
+# TokenCut / CorLoc
+
+
+def test_tokencut_finds_planted_object():
+    torch.manual_seed(4)
+    gh, gw, D = 6, 8, 64
+    u, v = torch.randn(D), torch.randn(D)
+    keys = v + 0.1 * torch.randn(2, gh * gw, D)
+    grid = keys.view(2, gh, gw, D)
+    grid[0, 1:4, 2:6] = u + 0.1 * torch.randn(3, 4, D)  # planted object, rows 1-3, cols 2-5
+    grid[1, 3:6, 0:2] = u + 0.1 * torch.randn(3, 2, D)  # another, at the border
+    res = M.tokencut(keys, (gh, gw), P)
+    expected = torch.tensor([[2 * P, 1 * P, 6 * P, 4 * P], [0, 3 * P, 2 * P, 6 * P]], dtype=torch.float64)
+    torch.testing.assert_close(res.boxes, expected)
+    assert res.masks.shape == (2, gh, gw) and res.masks[0].sum() == 12
+    iou = torch.diagonal(M.box_iou(res.boxes, expected))
+    assert (iou > 0.99).all()
+    gt = [expected[0:1], torch.tensor([[0.0, 0.0, 8.0, 8.0], expected[1].tolist()])]
+    assert M.corloc(res.boxes, gt).tolist() == [1.0, 1.0]
+
+
+def test_seed_component_is_4_connected():
+    mask = torch.tensor([[[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0]]], dtype=torch.bool)
+    comp = M._seed_component(mask, torch.tensor([0]))
+    assert comp[0].nonzero().tolist() == [[0, 0], [0, 1], [1, 1]]  # the diagonal (2, 2) is not joined
+    comp = M._seed_component(mask, torch.tensor([10]))
+    assert comp[0].nonzero().tolist() == [[2, 2], [2, 3], [3, 2]]
+
+
+def test_box_iou_and_corloc():
+    a = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    b = torch.tensor([[5.0, 0.0, 15.0, 10.0], [0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
+    torch.testing.assert_close(M.box_iou(a, b), torch.tensor([[1 / 3, 1.0, 0.0]], dtype=torch.float64))
+    pred = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 1.0, 1.0]])
+    gt = [b[:1], b[2:], torch.zeros(0, 4)]
+    hits = M.corloc(pred, gt, threshold=0.3)
+    assert hits[:2].tolist() == [1.0, 0.0] and torch.isnan(hits[2])
+    assert M.corloc(pred[:1], [b[:1]], threshold=0.5).item() == 0.0  # IoU 1/3 < 0.5
+
+
+def test_last_layer_keys_reproduce_attention_of_our_model():
+    torch.manual_seed(5)
+    model = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=2).eval()
+    images = torch.randn(2, 3, 32, 32)
+    keys = M.last_layer_keys(model, images, drop_prefix=False)
+    assert keys.shape == (2, 17, 192) and M.last_layer_keys(model, images).shape == (2, 16, 192)
+    captured = []
+    h = model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, o: captured.append(o))
+    with torch.no_grad():
+        _, attn = model.forward_features(images, return_attention=True)
+    h.remove()
+    heads = model.blocks[-1].attn.num_heads
+    q = captured[0].reshape(2, 17, 3, heads, -1)[:, :, 0].transpose(1, 2)
+    k = keys.reshape(2, 17, heads, -1).transpose(1, 2)  # heads concatenated in head order
+    recomputed = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(-1)
+    torch.testing.assert_close(recomputed, attn[-1], rtol=1e-4, atol=1e-6)
+
+
+def test_last_layer_keys_timm_with_k_norm():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(6)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, qk_norm=True, num_classes=0).eval()
+    images = torch.randn(2, 3, 32, 32)
+    inputs = []
+    h = vit.blocks[-1].attn.register_forward_hook(lambda _m, i, _o: inputs.append(i[0]))
+    keys = M.last_layer_keys(vit, images)
+    h.remove()
+    attn = vit.blocks[-1].attn
+    x = inputs[0]
+    qkv = attn.qkv(x).reshape(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)  # timm's own layout
+    k = attn.k_norm(qkv[1]).transpose(1, 2).reshape(2, 17, 48)
+    torch.testing.assert_close(keys, k[:, 1:])
+    assert not torch.allclose(keys, qkv[1].transpose(1, 2).reshape(2, 17, 48)[:, 1:])  # k_norm matters
+    assert M.discover_objects(vit, images).boxes.shape == (2, 4)
+
+
+# ------------------------------------------------------------------------------------------
+# real tiny model on a scenes batch: every metric, shapes and ranges
+
+
+def test_every_metric_on_real_model_and_scenes():
+    from rmae.data import RegionDataset, build_dataset, collate_regions
+
+    base = build_dataset("scenes:val:64", image_size=32)
+    ds = RegionDataset(base, source=None, cache=None, image_size=32, train=False, crop_pct=1.0)
+    batch = collate_regions([ds[i] for i in range(6)])
+    images, inst = batch["images"], batch["instances"]
+    torch.manual_seed(0)
+    model = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=2).eval()
+    grid, p = model.patch_embed.grid_size, model.config.patch_size
+    with torch.no_grad():
+        _, attn = model.forward_features(images, return_attention=True)
+    B, depth, heads, L = 6, 2, model.blocks[0].attn.num_heads, grid[0] * grid[1]
+
+    dist = M.mean_attention_distance(attn, grid, p)
+    max_d = math.dist((p / 2, p / 2), (32 - p / 2, 32 - p / 2))
+    assert dist.shape == (B, depth, heads) and ((dist > 0) & (dist < max_d)).all()
+    ent = M.attention_entropy(attn)
+    assert ent.shape == (B, depth, heads) and ((ent >= 0) & (ent <= math.log(L) + 1e-9)).all()
+    nmi = M.attention_nmi(attn)
+    assert nmi.shape == (B, depth, heads) and ((nmi >= 0) & (nmi <= 1)).all()
+
+    ia = M.instance_awareness(attn, inst, p, heads="each")
+    assert ia.mass.shape == (B, depth, heads) and (ia.num_queries > 0).all()
+    torch.testing.assert_close(ia.mass + ia.leak + ia.background, torch.ones_like(ia.mass))
+    for v in (ia.mass, ia.leak, ia.background, ia.jaccard):
+        assert ((v >= 0) & (v <= 1)).all()
+    cj = M.cls_jaccard(attn[-1], inst, p)
+    assert cj.shape == (B,) and ((cj >= 0) & (cj <= 1)).all()
+
+    # ground-truth boxes from the cropped instance maps equal the dataset's own boxes (crop 1.0)
+    gt = M.boxes_from_instances(inst)
+    for i in range(B):
+        raw = base.load(i)
+        present = torch.as_tensor(sorted(set(raw["instances"].ravel().tolist()) - {0}))
+        torch.testing.assert_close(gt[i], torch.as_tensor(raw["boxes"], dtype=torch.float64)[present - 1])
+    found = M.discover_objects(model, images)
+    assert found.boxes.shape == (B, 4) and found.masks.shape == (B, *grid)
+    assert ((found.boxes >= 0) & (found.boxes <= 32)).all()
+    assert (found.boxes[:, 2:] > found.boxes[:, :2]).all()
+    hits = M.corloc(found.boxes, gt)
+    assert set(hits.tolist()) <= {0.0, 1.0}
+    assert found.masks.reshape(B, -1).gather(1, found.seeds[:, None]).all()  # seed inside its component
