@@ -202,7 +202,7 @@ def data_fingerprint(base: Any, spec: Any) -> dict[str, Any]:
     return fp
 
 
-def _slug(spec: Any) -> str:
+def data_slug(spec: Any) -> str:
     """Short readable name of a data spec for file names (paths collapse to a hash)."""
     if spec.kind == "scenes":
         return "scenes-" + (spec.split or "train") + (f"-{spec.length}" if spec.length else "")
@@ -463,7 +463,7 @@ def load_features(run: PathLike, data: Any, *, layer: int = -1, pool: str = "cls
            "fingerprint": data_fingerprint(base, spec), "data_seed": int(data_seed),
            "image_size": image_size, "crop_pct": float(crop_pct), "layer": layer_n, "pool": pool}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    prefix = f"{_slug(spec)}_{image_size}_L{layer_n}_{pool}"
+    prefix = f"{data_slug(spec)}_{image_size}_L{layer_n}_{pool}"
     root = feature_cache_dir(run)
     entry = root / f"{prefix}_{digest}"
     if cache and entry.is_dir():
