@@ -99,6 +99,10 @@ class EmbeddingSimilarity(nn.Module):
     ``[D]`` (one for all images) or ``[B, D]`` (one per image, e.g. each image's own embedding, or
     the embedding of another view); it is detached and stored as a buffer. Use with
     ``target=None``.
+
+    Note: at ``x`` whose own embedding is the reference, ``s = 1`` is a maximum, so its gradient
+    is zero — Grad-CAM (a gradient at ``x``) is blank there. IG and Occlusion still work (they
+    compare with a baseline); for Grad-CAM use another reference (another view, a class mean).
     """
 
     def __init__(self, model: nn.Module, reference: Tensor, pool: Pool = "cls") -> None:

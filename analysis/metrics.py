@@ -586,8 +586,8 @@ class StreamingCKA:
             self._shift_b = [y.mean(0) for y in ys]
             self._sum_a = [torch.zeros_like(s) for s in self._shift_a]
             self._sum_b = [torch.zeros_like(s) for s in self._shift_b]
-            self._gram_a = [torch.zeros(s.numel(), s.numel(), dtype=torch.float64, device=s.device) for s in self._shift_a]
-            self._gram_b = [torch.zeros(s.numel(), s.numel(), dtype=torch.float64, device=s.device) for s in self._shift_b]
+            self._gram_a = [torch.zeros(len(s), len(s), dtype=torch.float64, device=s.device) for s in self._shift_a]
+            self._gram_b = [torch.zeros(len(s), len(s), dtype=torch.float64, device=s.device) for s in self._shift_b]
             self._dims_a = [s.numel() for s in self._shift_a]
             self._dims_b = [s.numel() for s in self._shift_b]
             self._cross = torch.zeros(sum(self._dims_a), sum(self._dims_b), dtype=torch.float64, device=xs[0].device)

@@ -291,8 +291,8 @@ def test_linear_cka_properties():
 def test_streaming_cka_equals_one_shot():
     torch.manual_seed(3)
     n = 90
-    A = [torch.randn(n, 6) + 1e4, torch.randn(n, 5)]  # large mean: exercises the shift
-    B = [A[0] @ torch.randn(6, 4) + torch.randn(n, 4), torch.randn(n, 3), A[1][:, :2] ** 2]
+    A = [torch.randn(n, 6, dtype=torch.float64) + 1e7, torch.randn(n, 5)]  # large mean: needs the shift
+    B = [A[0] @ torch.randn(6, 4, dtype=torch.float64) + torch.randn(n, 4), torch.randn(n, 3), A[1][:, :2] ** 2]
     acc = M.StreamingCKA()
     for s in (slice(0, 7), slice(7, 50), slice(50, n)):
         acc.update([a[s] for a in A], [b[s] for b in B])
