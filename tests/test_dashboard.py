@@ -1,0 +1,457 @@
+"""The dashboard end to end: every page under ``streamlit.testing`` on tiny runs trained by the
+real trainer, asserting on the values shown, and a real browser (Debian chromium + Playwright)
+clicking a query patch on ``rmae dashboard``.
+
+The runs root built once for the module holds: two trained runs (``mae``, ``rmae``), a run
+folder with a broken ``config.yaml``, a foreign folder whose "checkpoint" is not one, a symlink
+to a run outside the root (must be ignored), an image folder and a hand-written
+``results.json`` with known numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import rmae
+from analysis.attention import AttentionExtractor
+from analysis.interactive import iou as iou_t
+from analysis.interactive import predict_from_clicks
+from analysis.metrics import keep_mass_threshold, patch_ownership
+from rmae.data import JointCenterCrop, build_dataset, to_tensor
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
+CHROMIUM = "/usr/bin/chromium"
+IMG = 32  # fixture runs: ViT-Tiny/8 at 32² → a 4×4 grid, depth 2
+
+
+def _train(out: Path, model: str, cache: Path) -> None:
+    from rmae.train import load_config, pretrain
+
+    cfg = load_config("demo", [f"model={model}", f"img_size={IMG}", "depth=2", "decoder_depth=1",
+                               "data=scenes:train:16", "batch_size=8", "steps=3", "num_workers=0",
+                               "checkpoint_every=3", "log_every=1", f"region_cache={cache}"])
+    pretrain(cfg, out, progress=False)
+
+
+def _results(root: Path) -> dict:
+    def layer(vals, lo=0.01):
+        return {"per_layer": vals, "per_layer_ci": [[v - lo, v + lo] for v in vals], "value": vals[-1],
+                "ci": [vals[-1] - lo, vals[-1] + lo], "unit": "px"}
+
+    data = {
+        "version": 1, "data": "scenes:val:16", "n_images": 16, "seed": 0,
+        "runs": {
+            "mae": {"path": str(root / "mae"), "family": "mae", "model": "mae_vit_tiny_patch8",
+                    "metrics": {"attention_distance": layer([9.5, 11.25]), "instance_mass": layer([0.31, 0.35]),
+                                "linear_probe": {"value": 0.7124, "ci": [0.69, 0.735]},
+                                "knn": {"value": 0.5, "ci": [0.45, 0.55]}, "dense_miou": {"value": 0.2, "ci": None},
+                                "attentive_probe": None}},
+            "rmae": {"path": str(root / "rmae"), "family": "rmae", "model": "rmae_vit_tiny_patch8",
+                     "metrics": {"attention_distance": layer([7.0, 8.5]), "instance_mass": layer([0.41, 0.47]),
+                                 "linear_probe": {"value": 0.612, "ci": [0.58, 0.64]},
+                                 "interactive_iou": {"clicks": [1, 2, 4], "per_click": [0.3, 0.45, 0.6],
+                                                     "per_click_ci": [[0.2, 0.4], [0.35, 0.55], [0.5, 0.7]],
+                                                     "value": 0.45, "ci": [0.35, 0.55]}}},
+        },
+        "baselines": {"interactive_iou": {"fh": {"clicks": [1, 2, 4], "per_click": [0.25, 0.3, 0.4],
+                                                 "per_click_ci": [[0.2, 0.3]] * 3}}},
+        "cka": {"a": "mae", "b": "rmae", "matrix": [[0.9, 0.5], [0.4, 0.8]]},
+        "differences": {"rmae − mae": {"instance_mass": {"value": 0.12, "ci": [0.08, 0.16]},
+                                       "linear_probe": {"value": -0.1, "ci": [-0.13, -0.07]}}},
+    }
+    return data
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("dash")
+    root = base / "runs"
+    cache = base / "cache"
+    _train(root / "mae", "mae_vit_tiny_patch8", cache)
+    _train(root / "rmae", "rmae_vit_tiny_patch8", cache)
+    (root / "broken").mkdir()
+    (root / "broken" / "config.yaml").write_text("model_config: {family: rmae\n  img_size: [32, oops\n")
+    (root / "foreign" / "checkpoints").mkdir(parents=True)
+    (root / "foreign" / "checkpoints" / "step_000001.safetensors").write_bytes(b"\x00not a checkpoint" * 8)
+    outside = base / "outside_run"
+    shutil.copytree(root / "mae", outside)
+    (root / "escape").symlink_to(outside, target_is_directory=True)
+    (root / "images").mkdir()
+    from PIL import Image
+
+    Image.fromarray(build_dataset("scenes:val:4", image_size=48).load(2)["image"]).save(root / "images" / "scene.png")
+    (root / "reports" / "fixture").mkdir(parents=True)
+    (root / "reports" / "fixture" / "results.json").write_text(json.dumps(_results(root)))
+    return root
+
+
+@pytest.fixture
+def app(runs_root, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("RMAE_DASHBOARD_RUNS", str(runs_root))
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _df(at, column: str):
+    """The first table on the page with this column (AppTest cannot look tables up by key)."""
+    for d in at.dataframe:
+        if column in d.value.columns:
+            return d.value
+    raise AssertionError(f"no table with a column {column!r}: {[list(d.value.columns) for d in at.dataframe]}")
+
+
+def _page(at, name):
+    at.sidebar.radio(key="page").set_value(name).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def _scene(index: int, size: int = IMG):
+    s = build_dataset("scenes:val:1000", image_size=size).load(index)
+    img, maps = JointCenterCrop(size, crop_pct=1.0)(s["image"], {"instances": s["instances"].astype(np.int32)})
+    return img, maps["instances"]
+
+
+def _inside_query(instances: np.ndarray, patch: int = 8) -> tuple[int, int]:
+    """A patch whose owner is an instance and which is ≥ 75 % inside it."""
+    owner, purity = patch_ownership(torch.from_numpy(instances).long(), patch)
+    cand = torch.nonzero((owner > 0) & (purity >= 0.75))
+    assert len(cand), "fixture scene has no patch inside an instance"
+    r, c = cand[0].tolist()
+    return r, c
+
+
+def _expected_instance_stats(run: Path, img, inst, layer: int, r: int, c: int, head="mean"):
+    """Independent of dashboards.compute: extractor → renormalised row → sums over the owner mask."""
+    model = rmae.load_model(run).eval()
+    attn = AttentionExtractor(model)(to_tensor(img)[None])[layer][0]  # [h, N, N]
+    gw = IMG // 8
+    q = r * gw + c
+    rows = attn[:, 1 + q, 1:].double()
+    rows = rows / rows.sum(-1, keepdim=True)
+    row = rows.mean(0) if head == "mean" else rows.max(0).values
+    row = row / row.sum()
+    owner, _ = patch_ownership(torch.from_numpy(inst).long(), 8)
+    owner = owner.reshape(-1)
+    same = owner == owner[q]
+    mass = row[same].sum().item()
+    leak = row[(owner > 0) & ~same].sum().item()
+    bg = row[owner == 0].sum().item()
+    kept = keep_mass_threshold(row, 0.6)
+    jac = ((kept & same).sum() / (kept | same).sum()).item()
+    return {"instance": int(owner[q]), "mass": mass, "leak": leak, "background": bg, "jaccard": jac}
+
+
+# ------------------------------------------------------------------------------------------
+# AppTest: every page, values shown
+
+
+def test_attention_explorer_runs_maps_and_instance_numbers(app, runs_root):
+    at = app
+    assert [s.value.split(" — ")[0] for s in at.subheader[:2]] == ["mae", "rmae"]  # default: one MAE, one R-MAE
+    captions = [img.proto.imgs[0].caption for img in at.get("image")]
+    assert len(captions) == 6  # 3 maps × 2 runs
+    assert captions[0].startswith("patch query (2, 2) · layer 2 · mean over heads")
+    assert captions[1].startswith("CLS → patches · layer 2")
+    assert captions[2].startswith("rollout from the query · layers 1–2")
+    # pick a scene and a query inside an object through the non-click inputs
+    at.sidebar.number_input(key="scene").set_value(5).run()
+    img, inst = _scene(5)
+    r, c = _inside_query(inst)
+    at.number_input(key="q_row").set_value(r).run()
+    at.number_input(key="q_col").set_value(c).run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert list(table.index) == ["mae", "rmae"]
+    for name in ("mae", "rmae"):
+        exp = _expected_instance_stats(runs_root / name, img, inst, 1, r, c)
+        row = table.loc[name]
+        assert row["query (row, col)"] == f"({r}, {c})"
+        assert row["instance"] == exp["instance"] > 0
+        assert row["instance mass"] == pytest.approx(exp["mass"], abs=1e-3)
+        assert row["leak"] == pytest.approx(exp["leak"], abs=1e-3)
+        assert row["background"] == pytest.approx(exp["background"], abs=1e-3)
+        assert row["Jaccard (60 %)"] == pytest.approx(exp["jaccard"], abs=1e-3)
+        assert row["instance mass"] + row["leak"] + row["background"] == pytest.approx(1, abs=1e-3)
+        assert f"**{name}**: instance mass {exp['mass']:.3f}" in at.markdown[0].value
+
+
+def test_attention_layer_and_head_change_the_maps(app, runs_root):
+    at = app
+    img, inst = _scene(0)
+    r, c = _inside_query(inst)
+    at.number_input(key="q_row").set_value(r).run()
+    at.number_input(key="q_col").set_value(c).run()
+    urls = [i.proto.imgs[0].url for i in at.get("image")]
+    at.slider(key="layer").set_value(1).run()
+    assert not at.exception, at.exception
+    urls_l1 = [i.proto.imgs[0].url for i in at.get("image")]
+    assert urls_l1 != urls
+    assert at.get("image")[0].proto.imgs[0].caption.startswith(f"patch query ({r}, {c}) · layer 1 · mean over heads")
+    exp = _expected_instance_stats(runs_root / "rmae", img, inst, 0, r, c)
+    assert at.dataframe[0].value.loc["rmae", "instance mass"] == pytest.approx(exp["mass"], abs=1e-3)
+    at.selectbox(key="head").set_value("max").run()
+    assert "max over heads" in at.get("image")[0].proto.imgs[0].caption
+    exp = _expected_instance_stats(runs_root / "rmae", img, inst, 0, r, c, head="max")
+    assert at.dataframe[0].value.loc["rmae", "instance mass"] == pytest.approx(exp["mass"], abs=1e-3)
+    at.selectbox(key="head").set_value("2").run()
+    assert "head 3" in at.get("image")[0].proto.imgs[0].caption
+
+
+def test_attention_background_query_and_no_ground_truth(app):
+    at = app
+    img, inst = _scene(0)
+    owner, _ = patch_ownership(torch.from_numpy(inst).long(), 8)
+    bg = torch.nonzero(owner == 0)
+    if len(bg):
+        r, c = bg[0].tolist()
+        at.number_input(key="q_row").set_value(r).run()
+        at.number_input(key="q_col").set_value(c).run()
+        assert any("lies on background" in i.value for i in at.info)
+        assert at.dataframe[0].value["instance mass"].isna().all()
+    at.sidebar.radio(key="src").set_value("photos").run()
+    assert not at.exception, at.exception
+    assert not at.dataframe  # no ground truth → no instance table
+    assert any("No ground-truth instances" in cpt.value for cpt in at.caption)
+    assert len(at.get("image")) == 6
+
+
+def test_image_folder_under_the_root(app):
+    at = app
+    at.sidebar.radio(key="src").set_value("folder").run()
+    assert at.sidebar.selectbox(key="folder").options == ["images"]
+    assert at.sidebar.selectbox(key="folder_file").value == "images/scene.png"
+    assert not at.exception and len(at.get("image")) == 6
+    assert "images/scene.png" in at.caption[0].value
+
+
+def test_reconstruction_page(app):
+    at = _page(app, "Reconstruction")
+    caps = [c.value for c in at.caption]
+    assert "4 of 16 patches visible (mask ratio 0.75, mask seed 0)" in caps
+    names = [img.proto.imgs[0].caption for img in at.get("image")]
+    assert names == ["masked image", "pixel reconstruction", "original",  # mae
+                     "masked image", "pixel reconstruction", "original",  # rmae
+                     "masked region", "region reconstruction", "original region"]
+    before = [img.proto.imgs[0].url for img in at.get("image")]
+    at.button(key="resample").click().run()
+    assert "4 of 16 patches visible (mask ratio 0.75, mask seed 1)" in [c.value for c in at.caption]
+    after = [img.proto.imgs[0].url for img in at.get("image")]
+    assert after[0] != before[0] and after[2] == before[2]  # new mask, same original
+    at.slider(key="mask_ratio").set_value(0.5).run()
+    assert "8 of 16 patches visible (mask ratio 0.50, mask seed 1)" in [c.value for c in at.caption]
+    at.radio(key="region_src").set_value("FH segments").run()
+    assert not at.exception, at.exception
+
+
+def test_interactive_segmentation_iou(app, runs_root):
+    at = _page(app, "Interactive segmentation")
+    assert any("mae" in c.value and "Without a region decoder" in c.value for c in at.caption)
+    at.sidebar.number_input(key="scene").set_value(5).run()
+    img, inst = _scene(5)
+    r, c = _inside_query(inst)
+    at.multiselect(key="seg_patches").set_value([f"r{r}c{c}"]).run()
+    assert not at.exception, at.exception
+    # expected, straight from analysis.interactive
+    model = rmae.load_model(runs_root / "rmae").eval()
+    owner, _ = patch_ownership(torch.from_numpy(inst).long(), 8)
+    target = torch.from_numpy(inst == int(owner[r, c]))[None]
+    prob = predict_from_clicks(model, to_tensor(img)[None], target, torch.tensor([[r * 4 + c]]))
+    expected = iou_t(prob > 0.5, target).item()
+    table = at.dataframe[0].value
+    assert list(table.index) == ["rmae"]
+    assert table.loc["rmae", "IoU"] == pytest.approx(expected, abs=1e-3)
+    assert table.loc["rmae", "clicks"] == 1 and table.loc["rmae", "instance"] == int(owner[r, c])
+    assert f"IoU {expected:.3f}" in at.markdown[0].value
+    # a second click on the same instance (if it has one) changes the clicks count
+    more = [tuple(x) for x in torch.nonzero(owner == owner[r, c]).tolist() if tuple(x) != (r, c)]
+    if more:
+        r2, c2 = more[0]
+        at.multiselect(key="seg_patches").set_value([f"r{r}c{c}", f"r{r2}c{c2}"]).run()
+        assert at.dataframe[0].value.loc["rmae", "clicks"] == 2
+    at.button(key="seg_clear").click().run()
+    assert at.multiselect(key="seg_patches").value == []
+    assert any("Click a patch" in i.value for i in at.info)
+
+
+def test_metrics_page_tables_and_curves(app):
+    at = _page(app, "Metrics and probes")
+    assert at.selectbox(key="report").value == "reports/fixture"
+    table = _df(at, "linear probe")
+    assert table.loc["rmae", "linear probe"] == "0.612 [0.580, 0.640]"
+    assert table.loc["mae", "linear probe"] == "0.712 [0.690, 0.735]"
+    assert table.loc["mae", "dense mIoU"] == "0.200"  # no CI
+    assert table.loc["mae", "attentive probe"] == "—"  # null in the file
+    assert table.loc["rmae", "k-NN"] == "—"  # missing in the file
+    assert table.loc["rmae", "Mean attention distance"] == "8.500 [8.490, 8.510]"
+    charts = at.get("plotly_chart")
+    specs = [json.loads(ch.proto.spec) for ch in charts]
+    titles = [s["layout"]["title"]["text"] for s in specs]
+    assert "Mean attention distance" in titles and "Instance mass (own instance)" in titles
+    dist = specs[titles.index("Mean attention distance")]
+    lines = {t["name"]: t["y"] for t in dist["data"] if t.get("mode") == "lines+markers"}
+    assert lines == {"mae": [9.5, 11.25], "rmae": [7.0, 8.5]}
+    assert sum(1 for t in dist["data"] if t.get("fill") == "toself") == 2  # CI bands
+    inter = specs[titles.index("Interactive segmentation: IoU vs clicks")]
+    assert [t["name"] for t in inter["data"] if t.get("mode") == "lines+markers"] == ["rmae", "baseline: fh"]
+    assert any("CKA" in t for t in titles)
+    diff = _df(at, "CI excludes 0")
+    assert diff.set_index("metric").loc["linear_probe", "value [95 % CI]"] == "-0.100 [-0.130, -0.070]"
+    assert diff.set_index("metric").loc["instance_mass", "CI excludes 0"] == "yes"
+    at.multiselect(key="report_runs").set_value(["rmae"]).run()
+    assert list(_df(at, "linear probe").index) == ["rmae"]
+
+
+def test_metrics_page_refuses_unsafe_report_names(app):
+    at = _page(app, "Metrics and probes")
+    at.text_input(key="an_name").set_value("../../etc").run()
+    at.button(key="an_go").click().run()
+    assert any("report name" in e.value for e in at.error)
+    assert not at.exception
+
+
+def test_runs_page_curves_and_configs(app, runs_root):
+    at = _page(app, "Runs")
+    table = _df(at, "steps logged")
+    assert set(table.index) == {"broken", "foreign", "mae", "rmae"}  # "escape" leaves the root
+    last = json.loads((runs_root / "mae" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert table.loc["mae", "steps logged"] == 3 and table.loc["mae", "last step"] == 3
+    assert table.loc["mae", "last loss"] == f"{last['loss']:.4f}"
+    assert "not valid YAML" in table.loc["broken", "status"]
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert {t["name"] for t in spec["data"]} == {"mae", "rmae"}
+    assert [round(y, 6) for y in spec["data"][0]["y"]] == [
+        round(json.loads(l)["loss"], 6) for l in (runs_root / "mae" / "metrics.jsonl").read_text().splitlines()]
+    at.selectbox(key="train_metric").set_value("lr").run()
+    assert json.loads(at.get("plotly_chart")[0].proto.spec)["layout"]["title"]["text"] == "lr per step"
+    cfg = _df(at, "mae")
+    assert cfg.loc["model_config.family", "mae"] == "mae" and cfg.loc["model_config.family", "rmae"] == "rmae"
+    assert cfg.loc["img_size", "mae"] == str(IMG)
+    n_all = len(cfg)
+    at.checkbox(key="cfg_diff").check().run()
+    cfg = _df(at, "mae")
+    assert 0 < len(cfg) < n_all and "img_size" not in cfg.index and "model" in cfg.index
+
+
+def test_broken_foreign_and_escaping_runs_are_clear_errors(app, runs_root):
+    at = app
+    assert "escape" not in at.sidebar.multiselect(key="runs").options
+    assert any("symlink leaving the runs root" in w.value and "escape" in w.value for w in at.sidebar.warning)
+    at.sidebar.multiselect(key="runs").set_value(["broken", "foreign", "rmae"]).run()
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert any(e.startswith("Run **broken** cannot be used") and "not valid YAML" in e for e in errors)
+    assert any(e.startswith("Run **foreign** cannot be loaded") for e in errors)
+    assert [s.value.split(" — ")[0] for s in at.subheader][:1] == ["rmae"]  # the good run still shows
+
+
+def test_missing_root_is_an_error(monkeypatch, tmp_path):
+    from streamlit.testing.v1 import AppTest
+
+    monkeypatch.setenv("RMAE_DASHBOARD_RUNS", str(tmp_path / "nope"))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception
+    assert "is not a folder" in at.error[0].value
+    monkeypatch.setenv("RMAE_DASHBOARD_RUNS", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception
+    assert any("No run folders" in w.value for w in at.warning)
+
+
+# ------------------------------------------------------------------------------------------
+# real browser
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (`make setup` installs Debian's chromium)")
+def test_browser_click_changes_the_overlay(runs_root, tmp_path):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    port = _free_port()
+    rmae_cmd = Path(sys.executable).with_name("rmae")
+    log = (tmp_path / "dashboard.log").open("w")
+    proc = subprocess.Popen([str(rmae_cmd), "dashboard", "--runs", str(runs_root), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:  # the server answers its health check once it listens
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
+            assert time.time() < deadline, "dashboard did not start"
+            time.sleep(0.5)
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                "--no-first-run"])
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1900})
+                page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
+                overlay = page.locator(".st-key-overlays-1 img").first  # the R-MAE run's patch-query map
+                overlay.wait_for(timeout=120_000)
+                page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=120_000)
+                src = overlay.get_attribute("src")
+                before = page.request.get(page.url.rstrip("/") + src if src.startswith("/") else src).body()
+                # click a patch inside an object, away from the starting query (the centre patch)
+                _, inst = _scene(0)
+                owner, purity = patch_ownership(torch.from_numpy(inst).long(), 8)
+                cells = [tuple(x) for x in torch.nonzero((owner > 0) & (purity >= 0.75)).tolist() if tuple(x) != (2, 2)]
+                r, c = cells[0] if cells else (0, 0)
+                frame = page.frame_locator("iframe[title*='streamlit_image_coordinates']").first
+                target = frame.locator("img")
+                target.wait_for(timeout=60_000)
+                box = target.bounding_box()
+                target.click(position={"x": (c + 0.5) * box["width"] / 4, "y": (r + 0.5) * box["height"] / 4})
+                deadline = time.time() + 60
+                while overlay.get_attribute("src") == src:
+                    assert time.time() < deadline, "the overlay did not change after the click"
+                    time.sleep(0.2)
+                page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=120_000)
+                src2 = overlay.get_attribute("src")
+                after = page.request.get(page.url.rstrip("/") + src2 if src2.startswith("/") else src2).body()
+                assert after != before and after[:8] == b"\x89PNG\r\n\x1a\n"
+                assert page.get_by_text(f"patch query ({r}, {c})").first.is_visible()
+                assert page.get_by_label("Query row (0–3)").input_value() == str(r)
+                assert page.get_by_label("Query column (0–3)").input_value() == str(c)
+                if cells:  # the query is on an object: the instance-awareness numbers are shown
+                    assert page.get_by_text("instance mass", exact=False).first.is_visible()
+                time.sleep(0.5)
+                shot = tmp_path / "dashboard.png"
+                page.screenshot(path=str(shot), full_page=True)
+                shutil.copy(shot, "/tmp/dashboard_screenshot.png")
+                assert shot.stat().st_size > 10_000
+            finally:
+                browser.close()
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        log.close()
