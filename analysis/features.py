@@ -266,6 +266,7 @@ class Features:
     num_classes: int  # image classes (0: no labels)
     num_categories: int  # categories of the pixel maps, excluding background (0: none)
     spec: str
+    class_names: list[str] | None = None  # names of labels 0..num_classes-1, when the data have them
     cache_hit: bool = False
     path: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -364,6 +365,7 @@ def _extract_into(model: torch.nn.Module, base: Any, out: _Arrays, *, layer: int
     return {"grid": list(grid), "image_hw": list(hw), "patch_size": p, "embed_dim": D,
             "num_classes": num_classes if bool((labels >= 0).all()) else 0,
             "num_categories": num_categories if patch_labels is not None else 0,
+            "class_names": list(base.class_names) if getattr(base, "class_names", None) else None,
             "skipped": ds.skips.count}
 
 
@@ -375,7 +377,7 @@ def _to_features(arrays: dict[str, np.ndarray], meta: dict[str, Any], *, cache_h
         classes=t.get("classes"), layer=meta["layer"], pool=meta["pool"],
         grid=tuple(meta["grid"]), image_hw=tuple(meta["image_hw"]),
         num_classes=meta["num_classes"], num_categories=meta["num_categories"],
-        spec=meta["data"], cache_hit=cache_hit, path=path, meta=meta)
+        spec=meta["data"], class_names=meta.get("class_names"), cache_hit=cache_hit, path=path, meta=meta)
 
 
 def extract_features(model: torch.nn.Module, data: Any, *, layer: int = -1, pool: str = "cls",

@@ -246,7 +246,7 @@ class DenseGrid(LinearGrid):
 
 
 #: Below this many multiply-adds per training step, probes train on one intra-op thread.
-SMALL_STEP_MACS = 2e7
+SMALL_STEP_MACS = 1e9
 
 
 @contextlib.contextmanager
@@ -256,9 +256,12 @@ def intra_op_threads(step_macs: float, threads: int | None = None) -> Iterator[i
     caller's setting is restored after.
 
     Why: a probe step on cached features is a few small ops, and every multi-threaded op ends in
-    a barrier. Measured on 2 busy cores, a linear probe (256×32 minibatch, 7 heads) took 2.9 s
-    with 2 threads and 0.04 s with 1 — each barrier waits for a descheduled thread. Large steps
-    (ImageNet-scale linear or attentive probes) still use every core.
+    a barrier that waits for its slowest thread. Measured on 2 busy cores (ViT-Tiny/8 64²
+    features of 300 scenes): linear probe 2.9 s with 2 threads vs 0.04 s with 1; dense probe
+    (22 M MACs/step) 20 s vs 2 s; attentive (70 M MACs/step) 22–62 s vs 1.7–2.6 s. Steps above
+    ~1e9 MACs (ImageNet-scale linear probes, ViT-B attentive or dense probes) keep every core.
+    Results agree across thread counts only to float rounding, so a fixed setting also keeps
+    small probes bit-reproducible across machines with different core counts.
     """
     old = torch.get_num_threads()
     n = threads if threads is not None else (1 if step_macs < SMALL_STEP_MACS else old)
@@ -676,9 +679,14 @@ def run_probe(run_dir: str | os.PathLike, probe: str, train_data: str, eval_data
             which = train_data if not tr.has_labels else eval_data
             raise ProbeError(f"'{which}' has no image labels; the {probe} probe classifies images "
                              "(use scenes, or folder:PATH with one sub-folder per class)")
-        if tr.num_classes != ev.num_classes:
-            raise ProbeError(f"'{train_data}' has {tr.num_classes} classes but '{eval_data}' has "
-                             f"{ev.num_classes}; train and eval data must share their classes")
+        # Compare names, not counts: folder: data index the sub-folders each folder has, so a
+        # val folder missing one class would shift every later label by one.
+        if (tr.class_names or tr.num_classes) != (ev.class_names or ev.num_classes):
+            raise ProbeError(f"'{train_data}' and '{eval_data}' do not have the same classes "
+                             f"({tr.num_classes} vs {ev.num_classes}"
+                             + (f"; e.g. {sorted(set(tr.class_names or []) ^ set(ev.class_names or []))[:3]}"
+                                if tr.class_names and ev.class_names else "")
+                             + "); probe with data that share their class folders")
     if probe == "linear":
         if solver == "sklearn":
             res = linear_probe(tr.features, tr.labels, ev.features, ev.labels, num_classes=num_classes,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import rmae
+import rmae.data
 from analysis.features import block_tokens, load_features, patch_majority, resolve_run
 from analysis.probes import (
     PROBES,
@@ -404,3 +405,32 @@ def test_cli_help_teaches(capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     assert "examples:" in out and "rmae probe runs/mae" in out and "dense_miou" in out
+
+
+def test_extract_features_in_memory_matches_cache(run):
+    from analysis.features import extract_features
+
+    model = rmae.load_model(run)
+    mem = extract_features(model, "scenes:val:8", pool="tokens", progress=False)
+    cached = load_features(run, "scenes:val:8", pool="tokens", progress=False)
+    assert not mem.cache_hit and mem.path is None
+    assert torch.equal(mem.features, cached.features) and torch.equal(mem.patch_labels, cached.patch_labels)
+    assert mem.class_names == cached.class_names == list(rmae.data.SHAPES)
+
+
+def test_run_probe_refuses_mismatched_class_folders(run, tmp_path):
+    """folder: data number their own sub-folders; a val folder missing a class would shift the
+    labels, so run_probe must refuse it rather than score garbage."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", ("cat", "dog", "eel")), ("val", ("cat", "eel"))):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    with pytest.raises(ProbeError, match="same classes"):
+        run_probe(run, "knn", f"folder:{tmp_path / 'train'}", f"folder:{tmp_path / 'val'}", progress=False)
+    r = run_probe(run, "knn", f"folder:{tmp_path / 'train'}", f"folder:{tmp_path / 'train'}", k=1, progress=False)
+    assert r["value"] == 1.0  # k=1 on the training images themselves: each finds itself
