@@ -7,7 +7,6 @@ checks extraction, the cache, run_probe's results and the ``rmae probe`` command
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
