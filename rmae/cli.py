@@ -229,6 +229,17 @@ def _demo(args) -> int:
         figs = sorted((r.run / "figures").glob("*.png"))
         print(f"  {family:>4}: {r.run}  step {r.step}  {losses}" + (f"\n        figure: {figs[-1]}" if figs else ""))
     mae_run, rmae_run = results["mae"].run, results["rmae"].run
+    # Packages built on rmae (analysis, dashboards) extend the demo through the
+    # ``rmae.demo`` entry-point group: each hook gets the runs and prints what it made.
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group="rmae.demo"), key=lambda e: e.name):
+        try:
+            lines = ep.load()({"mae": mae_run, "rmae": rmae_run}, Path(args.out))
+        except Exception as e:  # noqa: BLE001 - the runs are made; a failing extra step is reported, not fatal
+            print(f"rmae demo: {ep.name} step failed: {e}", file=sys.stderr)
+            continue
+        print("\n".join(lines or []))
     print(f"""
 next:
   rmae export {rmae_run} --format timm --out rmae_demo_encoder.safetensors
@@ -257,7 +268,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     add_regions_subcommand(sub)
     _add_models(sub)
+    _add_plugins(sub)
     return parser
+
+
+def _add_plugins(sub) -> None:
+    """Subcommands of packages built on rmae (``analyze``, ``probe``, ``dashboard``), found
+    through the ``rmae.commands`` entry-point group: rmae itself never imports them."""
+    from importlib.metadata import entry_points
+
+    for ep in sorted(entry_points(group="rmae.commands"), key=lambda e: e.name):
+        try:
+            register = ep.load()
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not take the whole CLI down
+            print(f"rmae: warning: subcommand plugin {ep.name!r} ({ep.value}) failed to load: {e}", file=sys.stderr)
+            continue
+        register(sub)
 
 
 def _add_finetune(sub) -> None:

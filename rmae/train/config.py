@@ -170,10 +170,10 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
 def resolve_config_path(path: str | Path) -> Path:
     """A path, or a preset name (``demo`` → ``configs/demo.yaml``)."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():
         return p
     preset = PRESET_DIR / f"{path}.yaml"
-    if preset.exists():
+    if preset.is_file() and "/" not in str(path):  # a bare name is a preset, even beside a folder of that name
         return preset
     presets = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
     raise ConfigError(f"config {path}: no such file; give a YAML path or a preset name ({', '.join(presets)})")

@@ -1,0 +1,94 @@
+"""`rmae analyze`: the same images for every run, results.json names, report, CLI, intervals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from analysis.report import AnalysisError, analyze, verdict
+from analysis.stats import bootstrap_ci, excludes_zero, paired_difference_ci, wilson_ci
+
+NAMES = {"attention_distance", "attention_entropy", "attention_nmi", "instance_mass", "instance_leak",
+         "instance_jaccard", "cls_jaccard", "corloc", "linear_probe", "knn", "attentive_probe", "dense_miou"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from rmae.train import load_config, pretrain
+
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for fam in ("mae", "rmae"):
+        cfg = load_config("demo", [f"model={fam}_vit_tiny_patch8", "img_size=32", "depth=2", "decoder_depth=1",
+                                   "data=scenes:train:64", "batch_size=16", "steps=3", "num_workers=0",
+                                   "checkpoint_every=3", f"region_cache={root / 'cache'}"])
+        out[fam] = pretrain(cfg, root / fam, progress=False).run
+    return out
+
+
+def test_analyze_writes_every_metric_and_a_report(runs, tmp_path):
+    res = analyze([runs["mae"], runs["rmae"]], "scenes:val:24", tmp_path / "rep", batch_size=8,
+                  probes=("linear", "knn", "attentive", "dense"), probe_train="scenes:train:48", clicks=(1, 2),
+                  progress=False)
+    on_disk = json.loads((tmp_path / "rep" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert res["reference"] == "mae" and res["n_images"] == 24
+    for name in ("mae", "rmae"):
+        metrics = res["runs"][name]["metrics"]
+        assert NAMES <= set(metrics), NAMES - set(metrics)
+        assert len(metrics["instance_mass"]["per_layer"]) == 2
+        for key in ("instance_mass", "instance_leak", "instance_jaccard", "cls_jaccard"):
+            v, (lo, hi) = metrics[key]["value"], metrics[key]["ci"]
+            assert 0 <= lo <= v <= hi <= 1, (key, v, lo, hi)
+        assert metrics["attention_distance"]["unit"] == "px"
+    assert "interactive_iou" in res["runs"]["rmae"]["metrics"] and "interactive_iou" not in res["runs"]["mae"]["metrics"]
+    assert set(res["baselines"]["interactive_iou"]) == {"fh", "clicked"}
+    diff = res["differences"]["rmae − mae"]
+    a = res["runs"]["mae"]["metrics"]["instance_mass"]["value"]
+    b = res["runs"]["rmae"]["metrics"]["instance_mass"]["value"]
+    assert diff["instance_mass"]["value"] == pytest.approx(b - a, abs=1e-9)  # paired over the same images
+    assert len(res["cka"]["rmae"]["matrix"]) == 2
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Differences: rmae − mae" in md and "instance_mass" in md and "does not win" in md or "better than" in md
+    for f in ("per_layer.csv", "summary.csv", "differences.csv", "figures/instance_mass.png",
+              "figures/instance_mass.html", "figures/attention_overlays.png", "figures/interactive_iou.png",
+              "figures/cka_rmae.png"):
+        assert (tmp_path / "rep" / f).stat().st_size > 100, f
+
+
+def test_cli_and_clear_errors(runs, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "rmae", "analyze", str(runs["mae"]), str(runs["rmae"]), "--data",
+                        "scenes:val:8", "--out", str(tmp_path / "cli"), "--probes", "none", "--clicks", "1",
+                        "--no-progress", "--no-cka"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "report.md" in r.stdout and (tmp_path / "cli" / "report.md").exists()
+    r = subprocess.run([sys.executable, "-m", "rmae", "analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    import rmae
+
+    big = rmae.create_model("mae_vit_tiny_patch8", img_size=64, depth=1)
+    rmae.save_model(big, tmp_path / "big.safetensors")
+    with pytest.raises(AnalysisError, match="different image sizes"):
+        analyze([runs["mae"], tmp_path / "big.safetensors"], "scenes:val:8", tmp_path / "y", probes=(), progress=False)
+
+
+def test_bootstrap_and_wilson_intervals():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 1.0, size=400)
+    m, (lo, hi) = bootstrap_ci(x)
+    assert lo < 2.0 < hi and hi - lo == pytest.approx(2 * 1.96 / 20, rel=0.2)  # ≈ ±1.96 σ/√n
+    per_layer, (lo2, hi2) = bootstrap_ci(np.stack([x, x + 1], axis=1))
+    assert per_layer[1] - per_layer[0] == pytest.approx(1.0)
+    noisy = x + rng.normal(0, 0.05, size=400)
+    d, ci = paired_difference_ci(x, noisy + 0.1)
+    assert excludes_zero(ci) and d == pytest.approx(0.1, abs=0.02)  # pairing removes the shared spread
+    assert wilson_ci(0, 10)[1][0] == pytest.approx(0.0) and wilson_ci(10, 10)[1][1] == pytest.approx(1.0)
+    p, (lo, hi) = wilson_ci(50, 100)
+    assert p == 0.5 and lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert verdict("instance_leak", {"value": -0.1, "ci": [-0.2, -0.05]}) == "lower — better"
+    assert verdict("instance_mass", {"value": 0.1, "ci": [-0.01, 0.2]}).startswith("no clear difference")
