@@ -587,6 +587,10 @@ def page_metrics(ctx: Ctx) -> None:
     root, disc = ctx.root, ctx.disc
     reports = disc.reports
     data = None
+    if "_flash" in st.session_state:
+        st.success(st.session_state.pop("_flash"))
+    if st.session_state.get("_report_next") in reports:
+        st.session_state["report"] = st.session_state.pop("_report_next")
     if not reports:
         st.info("No `results.json` under the runs root yet: compute one below (or run "
                 "`rmae analyze RUN_A RUN_B --data scenes:val --out <runs root>/reports/NAME`).")
@@ -619,37 +623,80 @@ def page_metrics(ctx: Ctx) -> None:
         if diff is not None:
             st.subheader("Differences")
             st.dataframe(diff)
-        cka = R.cka_figure(data)
-        if cka is not None:
-            st.plotly_chart(cka, key="fig-cka")
+        for j, entry in enumerate(R.cka_entries(data)):
+            st.plotly_chart(R.cka_figure(entry), key=f"fig-cka-{j}")
+    _probe_files(ctx)
     _compute_missing(ctx, data)
 
 
-def _missing(data: dict | None, runs: list[str]) -> list[str]:
-    """Selected runs (names in the runs root) absent from the report or without any metric."""
-    if data is None:
-        return list(runs)
-    have = {}
-    for name, info in data["runs"].items():
-        have[name] = bool((info or {}).get("metrics"))
-        if info and info.get("path"):
-            have[str(info["path"])] = have[name]
-    return [r for r in runs if not have.get(r) and not have.get(Path(r).name)]
+def _probe_files(ctx: Ctx) -> None:
+    """Probe results that ``rmae probe`` stored in the selected run folders."""
+    import json
+
+    found: dict[str, list[dict]] = {}
+    for entry in ctx.selected:
+        if entry.problem:
+            continue
+        try:
+            folder = ctx.root.inside(Path(entry.name) / "analysis" / "probes")
+        except UnsafePathError:
+            continue
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.glob("*.json"))[:200]:
+            if not ctx.root.is_inside(f):
+                continue
+            try:
+                d = json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(d, dict):
+                found.setdefault(entry.name, []).append(d)
+    table = R.probe_files_table(found)
+    if table is not None:
+        st.subheader("Probe results stored in the run folders (`rmae probe`)")
+        st.dataframe(table, hide_index=True)
+
+
+EXPECTED = [*R.LAYER_METRICS, "corloc", *R.PROBE_METRICS]
+
+
+def _missing(data: dict | None, entries: list[RunEntry]) -> dict[str, list[str]]:
+    """For each selected run, the report's metrics it lacks (all of them when it is not in the
+    report). Runs are matched by name, folder name (what ``analyze`` names them) or path."""
+    out: dict[str, list[str]] = {}
+    by_key: dict[str, dict] = {}
+    for name, info in ((data or {}).get("runs") or {}).items():
+        info = info or {}
+        by_key[name] = info
+        if info.get("path"):
+            by_key[str(info["path"])] = info
+    for e in entries:
+        info = by_key.get(e.name) or by_key.get(Path(e.name).name) or by_key.get(str(e.path))
+        expected = EXPECTED + (["interactive_iou"] if e.family in ("rae", "rmae") else [])
+        metrics = (info or {}).get("metrics") or {}
+        out[e.name] = [k for k in dict.fromkeys(expected) if not isinstance(metrics.get(k), dict)]
+    return out
 
 
 def _compute_missing(ctx: Ctx, data: dict | None) -> None:
     with st.expander("Compute what is missing", expanded=data is None):
-        selected = [r.name for r in ctx.selected if not r.problem]
-        missing = _missing(data, selected)
+        entries = [r for r in ctx.selected if not r.problem]
+        selected = [r.name for r in entries]
         if not selected:
             st.info("Choose runs in the sidebar first.")
             return
-        st.write("Selected runs missing from this report: " + (", ".join(missing) if missing else "none"))
+        missing = _missing(data, entries)
+        lines = [f"- **{run}**: " + (", ".join(keys) if keys else "nothing missing") for run, keys in missing.items()]
+        st.markdown("Missing from this report for the selected runs:\n" + "\n".join(lines))
         c1, c2, c3 = st.columns(3)
         n = int(c1.number_input("Images (scenes:val)", 8, 5000, 200, step=8, key="an_n"))
         name = c2.text_input("Report name (under reports/)", "dashboard", key="an_name")
-        c3.write("")
-        go = c3.button("Compute", key="an_go", type="primary")
+        probes = c3.multiselect("Probes", ["linear", "knn", "attentive", "dense"], ["linear", "knn", "attentive", "dense"],
+                                key="an_probes")
+        st.caption("Writes (or overwrites) `reports/<name>/` under the runs root with every metric of `rmae analyze` "
+                   "for the selected runs on the same images. Probes train on scenes:train and dominate the time.")
+        go = st.button("Compute", key="an_go", type="primary")
         if not go:
             return
         try:
@@ -665,15 +712,15 @@ def _compute_missing(ctx: Ctx, data: dict | None) -> None:
             return
         with st.spinner(f"Analysing {len(paths)} run(s) on scenes:val:{n} …"):
             try:
-                analyze([str(p) for p in paths], f"scenes:val:{n}", str(out))
-            except Exception as e:  # noqa: BLE001 - shown to the user, not a crash
+                analyze([str(p) for p in paths], f"scenes:val:{n}", str(out), probes=tuple(probes), progress=False)
+            except Exception as e:  # noqa: BLE001 - AnalysisError & co. are shown, not raised
                 st.error(f"Analysis failed ({type(e).__name__}): {e}")
                 return
         _discover.clear()
         _results.clear()
         rel = ctx.root.rel(out)
-        st.session_state["report"] = rel
-        st.success(f"Wrote {rel}/results.json")
+        st.session_state["_report_next"] = rel  # selected on the next run (the selectbox exists already)
+        st.session_state["_flash"] = f"Wrote {rel}/results.json ({', '.join(Path(p).name for p in paths)}, scenes:val:{n})"
         st.rerun()
 
 

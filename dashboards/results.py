@@ -152,19 +152,42 @@ def interactive_figure(results: dict, runs: list[str]):
     return fig if any_curve else None
 
 
-def cka_figure(results: dict):
+def cka_entries(results: dict) -> list[dict]:
+    """CKA matrices of a report: ``{"a", "b", "matrix"}``, or several of them keyed by run name
+    (``analyze`` compares every run with its reference)."""
+    cka = results.get("cka")
+    if not isinstance(cka, dict):
+        return []
+    if "matrix" in cka:
+        return [cka] if cka.get("matrix") else []
+    return [v for v in cka.values() if isinstance(v, dict) and v.get("matrix")]
+
+
+def cka_figure(entry: dict):
     import plotly.graph_objects as go
 
-    cka = results.get("cka")
-    if not isinstance(cka, dict) or not cka.get("matrix"):
-        return None
-    z = cka["matrix"]
+    z = entry["matrix"]
+    a, b = entry.get("a", "A"), entry.get("b", "B")
     fig = go.Figure(go.Heatmap(z=z, x=list(range(1, len(z[0]) + 1)), y=list(range(1, len(z) + 1)), zmin=0, zmax=1,
                                colorscale="Viridis", colorbar={"title": "CKA"}))
-    fig.update_layout(title=f"Linear CKA per layer: {cka.get('a', 'A')} (rows) vs {cka.get('b', 'B')} (columns)",
-                      xaxis_title=f"{cka.get('b', 'B')} layer", yaxis_title=f"{cka.get('a', 'A')} layer", height=380,
+    fig.update_layout(title=f"Linear CKA per layer: {a} (rows) vs {b} (columns)",
+                      xaxis_title=f"{b} layer", yaxis_title=f"{a} layer", height=380,
                       margin={"l": 40, "r": 10, "t": 40, "b": 40})
     return fig
+
+
+def probe_files_table(files: dict[str, list[dict]]):
+    """Probe results stored in run folders by ``rmae probe`` (``RUN/analysis/probes/*.json``)."""
+    import pandas as pd
+
+    rows = []
+    for run, items in files.items():
+        for d in items:
+            rows.append({"run": run, "probe": d.get("probe", "?"), "metric": d.get("metric", "?"),
+                         "value": _num(d.get("value")), "chance": _num(d.get("chance")),
+                         "layer": d.get("layer"), "pool": d.get("pool"), "train": d.get("train"), "eval": d.get("eval"),
+                         "n_train": d.get("n_train"), "n_eval": d.get("n_eval")})
+    return pd.DataFrame(rows) if rows else None
 
 
 def scalar_table(results: dict, runs: list[str], names: dict[str, str] | None = None):

@@ -327,6 +327,36 @@ def test_metrics_page_refuses_unsafe_report_names(app):
     assert not at.exception
 
 
+def test_metrics_page_computes_what_is_missing(app, runs_root):
+    at = _page(app, "Metrics and probes")
+    md = [m.value for m in at.markdown if m.value.startswith("Missing from this report")][0]
+    assert "- **mae**: " in md and "- **rmae**: " in md
+    rmae_line = md.split("- **rmae**: ")[1].split("\n")[0]
+    assert "knn" in rmae_line and "linear_probe" not in rmae_line  # the fixture report has rmae's linear probe only
+    at.number_input(key="an_n").set_value(8).run()
+    at.text_input(key="an_name").set_value("fromapp").run()
+    at.multiselect(key="an_probes").set_value([]).run()
+    at.button(key="an_go").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    out = runs_root / "reports" / "fromapp" / "results.json"
+    assert out.is_file()
+    results = json.loads(out.read_text())
+    assert set(results["runs"]) == {"mae", "rmae"} and results["n_images"] == 8
+    assert any(s.value.startswith("Wrote reports/fromapp/results.json") for s in at.success)
+    assert at.selectbox(key="report").value == "reports/fromapp"
+    table = _df(at, "linear probe")
+    m = results["runs"]["rmae"]["metrics"]["attention_distance"]
+    assert table.loc["rmae", "Mean attention distance"] == f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+    assert table.loc["rmae", "linear probe"] == "—"  # probes were not asked for
+    specs = [json.loads(ch.proto.spec) for ch in at.get("plotly_chart")]
+    inter = [sp for sp in specs if sp["layout"]["title"]["text"].startswith("Interactive segmentation")][0]
+    rmae_line = [t for t in inter["data"] if t.get("name") == "rmae"][0]
+    assert rmae_line["y"] == results["runs"]["rmae"]["metrics"]["interactive_iou"]["per_click"]
+    md = [m.value for m in at.markdown if m.value.startswith("Missing from this report")][0]
+    assert "linear_probe" in md and "attention_distance" not in md
+
+
 def test_runs_page_curves_and_configs(app, runs_root):
     at = _page(app, "Runs")
     table = _df(at, "steps logged")
