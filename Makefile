@@ -32,6 +32,11 @@ test-all: setup
 
 bench: setup
 	$(PY) benchmarks/bench_models.py
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_analysis.py
+	$(PY) benchmarks/bench_probes.py
+	test ! -f benchmarks/bench_dashboard.py || $(PY) benchmarks/bench_dashboard.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
