@@ -74,3 +74,12 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8501, help="port (0 = any free port; default 8501)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
     p.set_defaults(func=run)
+
+
+def demo_hook(runs: dict[str, Path], out: Path) -> list[str]:
+    """``rmae demo``'s last step (entry-point group ``rmae.demo``): the command that opens the
+    dashboard on the demo runs."""
+    import shlex
+
+    root = Path(out).resolve()
+    return [f"dashboard: rmae dashboard --runs {shlex.quote(str(root))}   (then open http://127.0.0.1:8501)"]
