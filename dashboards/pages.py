@@ -28,6 +28,7 @@ PAGES = ["Attention explorer", "Reconstruction", "Interactive segmentation", "Me
 SOURCES = ["scenes", "photos", "folder", "upload"]
 SCENES_SPLIT, SCENES_LENGTH = "val", 1000
 HEAD_LABELS = {"mean": "mean over heads", "max": "max over heads"}
+PANELS = ["masked image", "pixel reconstruction", "original", "masked region", "region reconstruction", "original region"]
 
 
 def head_label(option: str) -> str:
@@ -507,9 +508,9 @@ def page_reconstruction(ctx: Ctx) -> None:
         panels = C.reconstruct(run.model, prepared, regions, ratio, seed)
         st.subheader(_run_title(run))
         st.caption(f"{keep} of {L} patches visible (mask ratio {ratio:.2f}, mask seed {seed})")
-        cols = st.columns(len(panels))
-        for col, (name, img) in zip(cols, panels.items()):
-            col.image(C.to_display(img, 192, nearest=True), caption=name, width="stretch", output_format="PNG")
+        cols = st.columns(len(PANELS))  # the same slots for every run, so panels line up across runs
+        for name, img in panels.items():
+            cols[PANELS.index(name) if name in PANELS else -1].image(C.to_display(img, 192, nearest=True), caption=name, width="stretch", output_format="PNG")
 
 
 def page_segmentation(ctx: Ctx) -> None:
@@ -622,7 +623,7 @@ def page_metrics(ctx: Ctx) -> None:
         diff = R.differences_table(data)
         if diff is not None:
             st.subheader("Differences")
-            st.dataframe(diff)
+            st.dataframe(diff, hide_index=True)
         for j, entry in enumerate(R.cka_entries(data)):
             st.plotly_chart(R.cka_figure(entry), key=f"fig-cka-{j}")
     _probe_files(ctx)
@@ -781,4 +782,19 @@ def page_runs(ctx: Ctx) -> None:
         except Exception as e:  # noqa: BLE001 - a broken config.yaml is shown as such
             st.error(f"{name}/config.yaml: {type(e).__name__}: {e}")
     if configs:
-        st.dataframe(R.config_table(configs, only))
+        table = R.config_table(configs, only)
+        st.dataframe(table, height=min(36 * (len(table) + 1) + 4, 900))
+    figures = []
+    for name in chosen:
+        try:
+            folder = root.inside(Path(name) / "figures")
+        except UnsafePathError:
+            continue
+        pngs = sorted((p for p in folder.glob("*.png") if root.is_inside(p)), key=lambda p: p.stat().st_mtime) \
+            if folder.is_dir() else []
+        if pngs:
+            figures.append((name, pngs[-1]))
+    if figures:
+        with st.expander("Latest training figures (reconstructions written by the trainer)"):
+            for name, png in figures:
+                st.image(str(png), caption=f"{name}: {png.name}")

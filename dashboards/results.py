@@ -94,7 +94,7 @@ def _band(fig, x, lo, hi, color, name, group):
     if not pts:
         return
     xs = [p[0] for p in pts]
-    fig.add_trace(go.Scatter(x=xs + xs[::-1], y=[p[2] for p in pts] + [p[1] for p in pts][::-1], fill="toself",
+    fig.add_trace(go.Scatter(x=xs + xs[::-1], y=[p[2] for p in pts] + [p[1] for p in pts][::-1], fill="toself", mode="lines",
                              fillcolor=color, opacity=0.18, line={"width": 0}, hoverinfo="skip",
                              name=f"{name} 95 % CI", legendgroup=group, showlegend=False))
 
@@ -117,9 +117,15 @@ def layer_figure(results: dict, name: str, runs: list[str]):
             _band(fig, x, [c[0] if c else None for c in cis], [c[1] if c else None for c in cis], color, run, run)
         fig.add_trace(go.Scatter(x=x, y=[_num(v) for v in ys], mode="lines+markers", name=run, legendgroup=run,
                                  line={"color": color}))
-    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=unit or name, height=320,
+    fig.update_layout(title=title, xaxis_title="layer", yaxis_title=unit, height=320,
                       margin={"l": 40, "r": 10, "t": 40, "b": 40}, legend={"orientation": "h", "y": -0.25})
+    fig.update_xaxes(tickmode="linear", tick0=1, dtick=max(1, len(x_all(results, name, runs)) // 12))
     return fig
+
+
+def x_all(results: dict, name: str, runs: list[str]) -> list[int]:
+    n = max((len((metric(results, r, name) or {}).get("per_layer") or []) for r in runs), default=0)
+    return list(range(1, n + 1))
 
 
 def interactive_figure(results: dict, runs: list[str]):
@@ -146,9 +152,11 @@ def interactive_figure(results: dict, runs: list[str]):
         any_curve = True
         fig.add_trace(go.Scatter(x=b["clicks"], y=[_num(v) for v in b["per_click"]], mode="lines+markers",
                                  name=f"baseline: {name}", line={"dash": "dash", "color": "#7f7f7f" if j == 0 else "#bcbd22"}))
+    ticks = sorted({x for tr in fig.data for x, y in zip(tr.x, tr.y) if y is not None})
     fig.update_layout(title="Interactive segmentation: IoU vs clicks", xaxis_title="clicks (visible region patches)",
-                      yaxis_title="IoU", xaxis_type="log", height=340, margin={"l": 40, "r": 10, "t": 40, "b": 40},
+                      yaxis_title="IoU", height=340, margin={"l": 40, "r": 10, "t": 40, "b": 40},
                       legend={"orientation": "h", "y": -0.3})
+    fig.update_xaxes(type="log", tickvals=ticks, ticktext=[str(t) for t in ticks])
     return fig if any_curve else None
 
 
@@ -173,6 +181,8 @@ def cka_figure(entry: dict):
     fig.update_layout(title=f"Linear CKA per layer: {a} (rows) vs {b} (columns)",
                       xaxis_title=f"{b} layer", yaxis_title=f"{a} layer", height=380,
                       margin={"l": 40, "r": 10, "t": 40, "b": 40})
+    fig.update_xaxes(tickmode="linear", tick0=1, dtick=max(1, len(z[0]) // 12))
+    fig.update_yaxes(tickmode="linear", tick0=1, dtick=max(1, len(z) // 12))
     return fig
 
 
