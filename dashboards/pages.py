@@ -12,6 +12,8 @@ primary input in a browser.
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +59,18 @@ def _model(path: str, fingerprint: str):
     return model
 
 
+@st.cache_resource(show_spinner=False)
+def _forward_lock() -> threading.Lock:
+    """Models are shared by every browser session (cache_resource) and the explicit-attention
+    recorder is state on the model, so forward passes run one at a time (CPU-bound anyway)."""
+    return threading.Lock()
+
+
 @st.cache_data(max_entries=32, show_spinner="Computing attention…")
 def _attention(path: str, fingerprint: str, image_digest: str, _prepared: C.Prepared) -> np.ndarray:
-    return C.attention_stack(_model(path, fingerprint), _prepared)
+    model = _model(path, fingerprint)
+    with _forward_lock():
+        return C.attention_stack(model, _prepared)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -306,13 +317,22 @@ def main(root_arg: str | None) -> None:
     if not disc.runs:
         st.warning(f"No run folders under `{root.root}`. Train some with `rmae demo` or `rmae pretrain`, "
                    "or import a checkpoint with `rmae import`.")
-    {
+    render = {
         PAGES[0]: page_attention,
         PAGES[1]: page_reconstruction,
         PAGES[2]: page_segmentation,
         PAGES[3]: page_metrics,
         PAGES[4]: page_runs,
-    }[page](ctx)
+    }[page]
+    if os.environ.get("RMAE_DASHBOARD_DEBUG") == "1":  # tests: let exceptions surface
+        render(ctx)
+        return
+    try:
+        render(ctx)
+    except Exception as e:  # noqa: BLE001 - one message, details folded away, the app stays up
+        st.error(f"The {page} page failed: {type(e).__name__}: {e}")
+        with st.expander("Details"):
+            st.exception(e)
 
 
 # ------------------------------------------------------------------------------------------
@@ -505,7 +525,8 @@ def page_reconstruction(ctx: Ctx) -> None:
                 np.zeros((*labels.shape, 3), np.uint8), labels, prepared.size).instances
             k = run.model.config.num_regions
             regions = C.region_stack(lab, int(st.session_state["region_id"]), k)
-        panels = C.reconstruct(run.model, prepared, regions, ratio, seed)
+        with _forward_lock():
+            panels = C.reconstruct(run.model, prepared, regions, ratio, seed)
         st.subheader(_run_title(run))
         st.caption(f"{keep} of {L} patches visible (mask ratio {ratio:.2f}, mask seed {seed})")
         cols = st.columns(len(PANELS))  # the same slots for every run, so panels line up across runs
@@ -555,7 +576,8 @@ def page_segmentation(ctx: Ctx) -> None:
         g, p = run.info["grid"], run.info["patch_size"]
         clicks = list(dict.fromkeys(C.point_to_patch(pt, g) for pt in points))
         target, inst, how = C.target_for_clicks(prepared, clicks, p, g)
-        prob = C.segment_from_clicks(run.model, prepared, target, clicks)
+        with _forward_lock():
+            prob = C.segment_from_clicks(run.model, prepared, target, clicks)
         pred = prob > 0.5
         st.subheader(_run_title(run))
         cols = st.columns(3)

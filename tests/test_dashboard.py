@@ -103,6 +103,7 @@ def app(runs_root, monkeypatch):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv("RMAE_DASHBOARD_RUNS", str(runs_root))
+    monkeypatch.setenv("RMAE_DASHBOARD_DEBUG", "1")  # page errors raise (at.exception) instead of st.error
     at = AppTest.from_file(APP, default_timeout=120)
     at.run()
     assert not at.exception, at.exception
