@@ -11,13 +11,24 @@ LAYER_PLOTS = ("attention_distance", "attention_entropy", "attention_nmi", "inst
                "instance_jaccard", "cls_jaccard")
 
 
+class _Figures:
+    """pyplot-like ``subplots`` on ``matplotlib.figure.Figure``: no global backend switch, so a
+    notebook's inline backend is left alone, and figures need no closing."""
+
+    @staticmethod
+    def subplots(nrows: int = 1, ncols: int = 1, figsize=None, squeeze: bool = True):
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=figsize)
+        return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
+
+    @staticmethod
+    def close(fig) -> None:
+        pass
+
+
 def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _Figures
 
 
 def _band(entry: dict[str, Any], key_mean: str, key_ci: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

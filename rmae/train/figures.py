@@ -46,15 +46,13 @@ def reconstruction_panels(model: MaskedAutoencoderViT, images: torch.Tensor, reg
 
 def save_reconstruction_figure(model: MaskedAutoencoderViT, images: torch.Tensor, regions: torch.Tensor | None,
                                path: str | Path, title: str = "", noise: torch.Tensor | None = None) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global backend switch, nothing to close
 
     panels = reconstruction_panels(model, images, regions, noise)
     names = list(panels)
     B = images.shape[0]
-    fig, axes = plt.subplots(B, len(names), figsize=(1.6 * len(names), 1.6 * B + 0.4), squeeze=False)
+    fig = Figure(figsize=(1.6 * len(names), 1.6 * B + 0.4))
+    axes = fig.subplots(B, len(names), squeeze=False)
     for i in range(B):
         for j, name in enumerate(names):
             img = panels[name][i].permute(1, 2, 0).cpu().numpy()
@@ -70,5 +68,4 @@ def save_reconstruction_figure(model: MaskedAutoencoderViT, images: torch.Tensor
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
