@@ -54,11 +54,12 @@ def _patch_mask(indices: torch.Tensor, L: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_from_clicks(model: MaskedAutoencoderViT, images: torch.Tensor, masks: torch.Tensor,
-                        clicks: torch.Tensor) -> torch.Tensor:
+                        clicks: torch.Tensor, paste: bool = True) -> torch.Tensor:
     """Region probability maps from clicked patches.
 
     images [P, 3, H, W] (normalised), masks [P, H, W] {0,1} (the instance), clicks [P, n]
-    patch indices → probabilities [P, H, W] with the clicked patches pasted in.
+    patch indices → probabilities [P, H, W], with the clicked patches pasted in
+    (``paste=False``: the decoder's own prediction everywhere, visible patches included).
     """
     c = model.config
     if not c.has_region_branch:
@@ -73,6 +74,8 @@ def predict_from_clicks(model: MaskedAutoencoderViT, images: torch.Tensor, masks
     model.eval()
     out = model(images, regions=regions, noise=noise, mask_ratio=0.0, num_visible_regions=n)
     prob = torch.sigmoid(model.unpatchify(out.pred_region[:, 0].float(), channels=1))[:, 0]
+    if not paste:
+        return prob
     visible = model.unpatchify((1 - out.region_mask).unsqueeze(-1).expand(-1, -1, p * p), channels=1)[:, 0]
     return torch.where(visible > 0.5, masks.float(), prob)
 

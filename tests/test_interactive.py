@@ -77,3 +77,28 @@ def test_curve_on_the_same_clicks_for_every_model(val_batch):
     assert fh[1] > clicked[1]  # FH segments under one click cover more of the object than the click
     again = interactive_curve(models, [val_batch], clicks=(1, 2, 4, 100))
     assert again.iou["rae"][2] == curve.iou["rae"][2]  # deterministic clicks
+
+
+@pytest.mark.slow
+def test_trained_rae_segments_from_clicks(tmp_path):
+    """A ViT-Tiny/8 RAE trained briefly on ground-truth instance regions: with every patch of the
+    region visible its own prediction reproduces the mask, and IoU rises with clicks above
+    what the clicks alone give."""
+    from rmae.train import load_config, pretrain
+
+    cfg = load_config("demo", ["model=rae_vit_tiny_patch8", "region_source=gt", "steps=400", "num_workers=2",
+                               f"region_cache={tmp_path / 'cache'}", "figure_every=0"])
+    model = rmae.load_model(pretrain(cfg, tmp_path / "rae", progress=False).run).eval()
+    ds = RegionDataset(build_dataset("scenes:val:48", image_size=64), source=None, cache=None, image_size=64,
+                       train=False, crop_pct=1.0)
+    batch = collate_regions([ds[i] for i in range(48)])
+    masks = batch["instances"] == 1
+    everything = torch.arange(64).expand(48, 64)
+    raw = predict_from_clicks(model, batch["images"], masks, everything, paste=False) > 0.5
+    assert iou(raw, masks).mean() > 0.8
+    curve = interactive_curve({"rae": model}, [batch], clicks=(1, 4, 16))
+    common = [i for i, v in enumerate(curve.iou["clicked"][16]) if not math.isnan(v)]
+    rae = {n: sum(curve.iou["rae"][n][i] for i in common) / len(common) for n in (1, 4, 16)}
+    clicked = {n: sum(curve.iou["clicked"][n][i] for i in common) / len(common) for n in (1, 4, 16)}
+    assert rae[1] < rae[4] < rae[16], rae
+    assert rae[4] > clicked[4], (rae, clicked)

@@ -103,6 +103,17 @@ class RunFolder:
         self._prune(keep)
         return weights
 
+    def clean_partial(self) -> list[str]:
+        """Delete temp files a killed save left behind (ours: ``.<name>.*.tmp``; safetensors'
+        own: ``.tmp*``). They were never renamed into place, so nothing refers to them."""
+        removed = []
+        if self.checkpoints.exists():
+            for p in self.checkpoints.iterdir():
+                if p.name.startswith(".") and (p.name.endswith(".tmp") or p.name.startswith(".tmp")):
+                    p.unlink(missing_ok=True)
+                    removed.append(p.name)
+        return removed
+
     def _prune(self, keep: int) -> None:
         steps = sorted({int(p.name[5:11]) for p in self.checkpoints.glob("step_*.safetensors")})
         for s in steps[:-keep] if keep > 0 else []:

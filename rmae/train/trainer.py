@@ -174,6 +174,7 @@ def _pretrain(cfg: TrainConfig, out: Path, dist: DistInfo, device: torch.device,
             print(f"resuming {out} from step {step}", flush=True)
     if dist.is_main:
         run.create()
+        run.clean_partial()
         run.write_config(flat, c.to_dict())
     barrier(dist)
 
