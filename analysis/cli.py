@@ -35,6 +35,10 @@ def register(sub) -> None:
     p.add_argument("--probe-train", help="training data for probes (default: scenes:train of twice the eval size)")
     p.add_argument("--clicks", default="1,2,4,8,16", help="click counts for interactive segmentation ('' = skip)")
     p.add_argument("--interactive-images", type=int, default=None, help="limit images for interactive segmentation")
+    p.add_argument("--negative-clicks", type=int, default=0,
+                   help="patches outside the instance also visible in interactive segmentation (default 0)")
+    p.add_argument("--interactive-image", choices=["all", "clicks"], default="all",
+                   help="what the pixel encoder sees during interactive segmentation (default: the whole image)")
     p.add_argument("--no-cka", action="store_true", help="skip the layer × layer CKA")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -61,6 +65,7 @@ def run(args) -> int:
     try:
         results = analyze(args.runs, args.data, args.out, batch_size=args.batch_size, probes=probes,
                           probe_train=args.probe_train, clicks=clicks, interactive_images=args.interactive_images,
+                          negative_clicks=args.negative_clicks, interactive_image=args.interactive_image,
                           cka=not args.no_cka, seed=args.seed, device=args.device, progress=not args.no_progress)
     except (AnalysisError, CheckpointError, DataError, ProbeError) as e:
         print(f"rmae analyze: error: {e}", file=sys.stderr)

@@ -54,13 +54,18 @@ def _patch_mask(indices: torch.Tensor, L: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_from_clicks(model: MaskedAutoencoderViT, images: torch.Tensor, masks: torch.Tensor,
-                        clicks: torch.Tensor, paste: bool = True) -> torch.Tensor:
+                        clicks: torch.Tensor, paste: bool = True, image: str = "all") -> torch.Tensor:
     """Region probability maps from clicked patches.
 
     images [P, 3, H, W] (normalised), masks [P, H, W] {0,1} (the instance), clicks [P, n]
     patch indices → probabilities [P, H, W], with the clicked patches pasted in
     (``paste=False``: the decoder's own prediction everywhere, visible patches included).
+    ``image="all"`` shows the pixel encoder the whole image; ``"clicks"`` shows it only the
+    clicked patches — the shared mask the model was pre-trained with. ``clicks`` may hold
+    negative clicks too (patches outside the instance): every listed patch is visible.
     """
+    if image not in ("all", "clicks"):
+        raise ValueError(f"image must be 'all' or 'clicks', got {image!r}")
     c = model.config
     if not c.has_region_branch:
         raise ValueError(f"a {c.family} model has no region decoder: interactive segmentation needs rae_* or rmae_*")
@@ -72,7 +77,10 @@ def predict_from_clicks(model: MaskedAutoencoderViT, images: torch.Tensor, masks
     if c.region_variant == "channel":  # its k is fixed: the instance in channel 0, empty maps after it
         regions = torch.cat([regions, regions.new_zeros(P, c.num_regions - 1, *regions.shape[2:])], dim=1)
     model.eval()
-    out = model(images, regions=regions, noise=noise, mask_ratio=0.0, num_visible_regions=n)
+    if image == "all":
+        out = model(images, regions=regions, noise=noise, mask_ratio=0.0, num_visible_regions=n)
+    else:
+        out = model(images, regions=regions, noise=noise, num_visible=n)
     prob = torch.sigmoid(model.unpatchify(out.pred_region[:, 0].float(), channels=1))[:, 0]
     if not paste:
         return prob
@@ -108,11 +116,18 @@ class InteractiveCurve:
 
 def interactive_curve(models: dict[str, MaskedAutoencoderViT], batches: Iterable[dict],
                       clicks: Sequence[int] = DEFAULT_CLICKS, min_patches: int = 2, max_instances: int = 3,
-                      seed: int = 0, device: str | torch.device = "cpu", baselines: bool = True) -> InteractiveCurve:
+                      seed: int = 0, device: str | torch.device = "cpu", baselines: bool = True,
+                      negatives: int = 0, image: str = "all") -> InteractiveCurve:
     """IoU vs clicks for every model with a region branch, and the baselines, on the same
     (image, instance, clicks). ``batches`` yield ``images`` [B,3,H,W] and ``instances`` [B,H,W]
     (an eval loader, e.g. ``scenes:val``); instances owning fewer than ``min_patches`` patches
-    are skipped, at most ``max_instances`` per image (largest first)."""
+    are skipped, at most ``max_instances`` per image (largest first).
+
+    ``negatives``: that many patches outside the instance are visible too (negative clicks,
+    fixed per pair, the same for every n). Pre-training reveals random patches inside and
+    outside each region, so a region seen only through positive patches looks like one that
+    covers everything; negative clicks tell the decoder where the region is not.
+    ``image``: see :func:`predict_from_clicks`."""
     region_models = {k: m for k, m in models.items() if m.config.has_region_branch}
     ref = next(iter(models.values()))
     p, grid, L = ref.patch_size, ref.patch_embed.grid_size, ref.num_patches
@@ -136,22 +151,26 @@ def interactive_curve(models: dict[str, MaskedAutoencoderViT], batches: Iterable
                 inst_id = int(ids[j])
                 patches = torch.nonzero(owner[b] == inst_id).flatten()
                 g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, int(batch["index"][b]), inst_id]).generate_state(1)[0]))
-                pairs.append((b, inst_id, patches[torch.randperm(len(patches), generator=g)]))
+                outside = torch.nonzero(owner[b] != inst_id).flatten()
+                negs = outside[torch.randperm(len(outside), generator=g)][:negatives]
+                pairs.append((b, inst_id, patches[torch.randperm(len(patches), generator=g)], negs))
         if not pairs:
             continue
-        b_idx = torch.tensor([b for b, _, _ in pairs])
-        masks = torch.stack([inst[b] == i for b, i, _ in pairs])  # [P, H, W] bool
-        curve.image_ids.extend(int(batch["index"][b]) for b, _, _ in pairs)
+        b_idx = torch.tensor([b for b, _, _, _ in pairs])
+        masks = torch.stack([inst[b] == i for b, i, _, _ in pairs])  # [P, H, W] bool
+        curve.image_ids.extend(int(batch["index"][b]) for b, _, _, _ in pairs)
         uint8 = (denormalize(images) * 255).round().byte().permute(0, 2, 3, 1).numpy() if baselines else None
         for n in clicks:
-            ok = [k for k, (_, _, order) in enumerate(pairs) if len(order) >= n]  # pairs with n patches
+            ok = [k for k, (_, _, order, negs) in enumerate(pairs)
+                  if len(order) >= n and len(negs) == negatives]  # pairs with n patches (and the negatives)
             scores = {name: torch.full((len(pairs),), float("nan")) for name in curve.iou}
             if ok:
                 sel = torch.tensor(ok)
                 chosen = torch.stack([pairs[k][2][:n] for k in ok])  # [P', n], nested in n
+                visible = torch.stack([torch.cat([pairs[k][2][:n], pairs[k][3]]) for k in ok])  # + negatives
                 for name, model in region_models.items():
                     prob = predict_from_clicks(model, images[b_idx[sel]].to(device), masks[sel].to(device),
-                                               chosen.to(device)).cpu()
+                                               visible.to(device), image=image).cpu()
                     scores[name][sel] = iou(prob > 0.5, masks[sel])
                 if baselines:
                     clicked = F.interpolate(_patch_mask(chosen, L).float().reshape(-1, 1, *grid), scale_factor=p)[:, 0] > 0.5

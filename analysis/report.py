@@ -185,6 +185,7 @@ def _probe_entries(runs: dict[str, Path], probes: Sequence[str], train: str, eva
 def analyze(runs: Sequence[str | Path], data: str = "scenes:val:200", out: str | Path = "reports/compare", *,
             batch_size: int = 16, probes: Sequence[str] = ("linear", "knn", "attentive", "dense"),
             probe_train: str | None = None, clicks: Sequence[int] = DEFAULT_CLICKS, interactive_images: int | None = None,
+            negative_clicks: int = 0, interactive_image: str = "all",
             cka: bool = True, seed: int = 0, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
     """Analyse run folders on the same images; returns the results dict (also written)."""
     t0 = time.time()
@@ -239,7 +240,9 @@ def analyze(runs: Sequence[str | Path], data: str = "scenes:val:200", out: str |
     if clicks and any(m.config.has_region_branch for m in models.values()):
         sub = ds if interactive_images is None else torch.utils.data.Subset(ds, range(min(interactive_images, n_images)))
         iloader = DataLoader(sub, batch_size=batch_size, collate_fn=collate_regions)
-        curve = interactive_curve(models, iloader, clicks=clicks, seed=seed, device=device)
+        curve = interactive_curve(models, iloader, clicks=clicks, seed=seed, device=device,
+                                  negatives=negative_clicks, image=interactive_image)
+        results["interactive_protocol"] = {"negative_clicks": negative_clicks, "image": interactive_image}
         for name in list(curve.iou):
             per_click, cis = [], []
             for n in curve.clicks:
@@ -332,6 +335,14 @@ def _fmt(v: float | None, ci: list[float] | None = None, digits: int = 3) -> str
     return s + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
+def _protocol_text(p: dict[str, Any]) -> str:
+    image = "the whole image" if p.get("image", "all") == "all" else "only the clicked patches of the image"
+    neg = p.get("negative_clicks", 0)
+    return (f"The pixel encoder sees {image}; the region encoder sees n patches of one instance"
+            + (f" plus {neg} patches outside it (negative clicks)" if neg else "")
+            + "; the region decoder predicts the rest (clicked patches pasted back, threshold 0.5).")
+
+
 def verdict(key: str, diff: dict[str, Any]) -> str:
     """Plain words for a difference (run − reference) and its interval."""
     ci = diff.get("ci")
@@ -407,7 +418,7 @@ def render_markdown(results: dict[str, Any]) -> str:
     if inter:
         clicks = next(iter(inter.values()))["clicks"]
         lines += ["## Interactive segmentation (IoU vs clicks)", "",
-                  "The whole image and n patches of one instance are visible; the region decoder predicts the rest.", "",
+                  _protocol_text(results.get("interactive_protocol", {})), "",
                   "| clicks | " + " | ".join(inter) + " |", "|---|" + "---|" * len(inter)]
         for i, n in enumerate(clicks):
             lines.append(f"| {n} | " + " | ".join(_fmt(e["per_click"][i], e["per_click_ci"][i]) for e in inter.values()) + " |")

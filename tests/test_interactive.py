@@ -102,3 +102,18 @@ def test_trained_rae_segments_from_clicks(tmp_path):
     clicked = {n: sum(curve.iou["clicked"][n][i] for i in common) / len(common) for n in (1, 4, 16)}
     assert rae[1] < rae[4] < rae[16], rae
     assert rae[4] > clicked[4], (rae, clicked)
+
+
+def test_negative_clicks_and_image_protocols(val_batch):
+    torch.manual_seed(0)
+    model = rmae.create_model("rae_vit_tiny_patch8", img_size=64, depth=1).eval()
+    masks = val_batch["instances"][:2] == 1
+    clicks = torch.tensor([[0, 5, 63], [3, 9, 40]])
+    a = predict_from_clicks(model, val_batch["images"][:2], masks, clicks, image="all")
+    b = predict_from_clicks(model, val_batch["images"][:2], masks, clicks, image="clicks")
+    assert not torch.allclose(a, b)  # the pixel encoder saw different patches
+    with pytest.raises(ValueError, match="'all' or 'clicks'"):
+        predict_from_clicks(model, val_batch["images"][:2], masks, clicks, image="none")
+    plain = interactive_curve({"rae": model}, [val_batch], clicks=(1, 2), baselines=False)
+    neg = interactive_curve({"rae": model}, [val_batch], clicks=(1, 2), negatives=3, image="clicks", baselines=False)
+    assert neg.image_ids == plain.image_ids and neg.iou["rae"][2] != plain.iou["rae"][2]
