@@ -81,27 +81,32 @@ def test_curve_on_the_same_clicks_for_every_model(val_batch):
 
 @pytest.mark.slow
 def test_trained_rae_segments_from_clicks(tmp_path):
-    """A ViT-Tiny/8 RAE trained briefly on ground-truth instance regions: with every patch of the
-    region visible its own prediction reproduces the mask, and IoU rises with clicks above
-    what the clicks alone give."""
+    """A ViT-Tiny/8 RAE (6 blocks) trained for 1,200 steps on ground-truth instance regions.
+
+    The region loss covers removed patches only, so what is measured is the mask assembled from
+    the clicked patches and the decoder's prediction of the rest. With 16 clicks (most of an
+    instance) it reproduces the instance well; IoU rises with clicks; and with negative clicks
+    under the pre-training visibility it segments far beyond what was clicked."""
     from rmae.train import load_config, pretrain
 
-    cfg = load_config("demo", ["model=rae_vit_tiny_patch8", "region_source=gt", "steps=400", "num_workers=2",
-                               f"region_cache={tmp_path / 'cache'}", "figure_every=0"])
+    cfg = load_config("demo", ["model=rae_vit_tiny_patch8", "region_source=gt", "steps=1200", "base_lr=3e-3",
+                               "warmup_steps=60", "depth=6", "num_workers=2", "figure_every=0",
+                               "checkpoint_every=600", f"region_cache={tmp_path / 'cache'}"])
     model = rmae.load_model(pretrain(cfg, tmp_path / "rae", progress=False).run).eval()
     ds = RegionDataset(build_dataset("scenes:val:48", image_size=64), source=None, cache=None, image_size=64,
                        train=False, crop_pct=1.0)
     batch = collate_regions([ds[i] for i in range(48)])
-    masks = batch["instances"] == 1
-    everything = torch.arange(64).expand(48, 64)
-    raw = predict_from_clicks(model, batch["images"], masks, everything, paste=False) > 0.5
-    assert iou(raw, masks).mean() > 0.8
-    curve = interactive_curve({"rae": model}, [batch], clicks=(1, 4, 16))
-    common = [i for i, v in enumerate(curve.iou["clicked"][16]) if not math.isnan(v)]
-    rae = {n: sum(curve.iou["rae"][n][i] for i in common) / len(common) for n in (1, 4, 16)}
-    clicked = {n: sum(curve.iou["clicked"][n][i] for i in common) / len(common) for n in (1, 4, 16)}
-    assert rae[1] < rae[4] < rae[16], rae
-    assert rae[4] > clicked[4], (rae, clicked)
+
+    def means(curve):
+        common = [i for i, v in enumerate(curve.iou["clicked"][16]) if not math.isnan(v)]
+        assert len(common) >= 20
+        return {k: {n: sum(curve.iou[k][n][i] for i in common) / len(common) for n in (1, 4, 16)} for k in curve.iou}
+
+    plain = means(interactive_curve({"rae": model}, [batch], clicks=(1, 4, 16)))
+    assert plain["rae"][1] < plain["rae"][4] < plain["rae"][16], plain
+    assert plain["rae"][16] > 0.85 and plain["rae"][16] > plain["clicked"][16], plain
+    negative = means(interactive_curve({"rae": model}, [batch], clicks=(1, 4, 16), negatives=15, image="clicks"))
+    assert negative["rae"][1] > 3 * negative["clicked"][1], negative
 
 
 def test_negative_clicks_and_image_protocols(val_batch):
