@@ -83,30 +83,32 @@ def test_curve_on_the_same_clicks_for_every_model(val_batch):
 def test_trained_rae_segments_from_clicks(tmp_path):
     """A ViT-Tiny/8 RAE (6 blocks) trained for 1,200 steps on ground-truth instance regions.
 
-    The region loss covers removed patches only, so what is measured is the mask assembled from
-    the clicked patches and the decoder's prediction of the rest. With 16 clicks (most of an
-    instance) it reproduces the instance well; IoU rises with clicks; and with negative clicks
-    under the pre-training visibility it segments far beyond what was clicked."""
+    The region loss covers removed patches only (as in the paper), so the decoder's raw output on
+    visible patches is untrained; what is measured is the mask assembled from the clicked patches
+    and the decoder's prediction of the rest. IoU rises with clicks; with negative clicks under
+    the pre-training visibility the decoder segments far beyond what was clicked."""
     from rmae.train import load_config, pretrain
 
     cfg = load_config("demo", ["model=rae_vit_tiny_patch8", "region_source=gt", "steps=1200", "base_lr=3e-3",
                                "warmup_steps=60", "depth=6", "num_workers=2", "figure_every=0",
                                "checkpoint_every=600", f"region_cache={tmp_path / 'cache'}"])
     model = rmae.load_model(pretrain(cfg, tmp_path / "rae", progress=False).run).eval()
-    ds = RegionDataset(build_dataset("scenes:val:48", image_size=64), source=None, cache=None, image_size=64,
+    ds = RegionDataset(build_dataset("scenes:val:96", image_size=64), source=None, cache=None, image_size=64,
                        train=False, crop_pct=1.0)
-    batch = collate_regions([ds[i] for i in range(48)])
+    batch = collate_regions([ds[i] for i in range(96)])
 
-    def means(curve):
-        common = [i for i, v in enumerate(curve.iou["clicked"][16]) if not math.isnan(v)]
+    def means(curve):  # over the (image, instance) pairs that own at least 8 patches
+        common = [i for i, v in enumerate(curve.iou["clicked"][8]) if not math.isnan(v)]
         assert len(common) >= 20
-        return {k: {n: sum(curve.iou[k][n][i] for i in common) / len(common) for n in (1, 4, 16)} for k in curve.iou}
+        return {k: {n: sum(curve.iou[k][n][i] for i in common) / len(common) for n in (1, 2, 4, 8)} for k in curve.iou}
 
-    plain = means(interactive_curve({"rae": model}, [batch], clicks=(1, 4, 16)))
-    assert plain["rae"][1] < plain["rae"][4] < plain["rae"][16], plain
-    assert plain["rae"][16] > 0.85 and plain["rae"][16] > plain["clicked"][16], plain
-    negative = means(interactive_curve({"rae": model}, [batch], clicks=(1, 4, 16), negatives=15, image="clicks"))
-    assert negative["rae"][1] > 3 * negative["clicked"][1], negative
+    plain = means(interactive_curve({"rae": model}, [batch], clicks=(1, 2, 4, 8)))
+    assert plain["rae"][1] < plain["rae"][2] < plain["rae"][4] < plain["rae"][8], plain
+    # negative clicks, with the visibility the model was pre-trained with
+    neg = means(interactive_curve({"rae": model}, [batch], clicks=(1, 2, 4, 8), negatives=8, image="clicks"))
+    assert neg["rae"][1] < neg["rae"][2] < neg["rae"][4] < neg["rae"][8], neg
+    assert all(neg["rae"][n] > neg["clicked"][n] for n in (1, 2, 4, 8)), neg
+    assert neg["rae"][1] > 3 * neg["clicked"][1] and neg["rae"][8] > 0.6, neg
 
 
 def test_negative_clicks_and_image_protocols(val_batch):
