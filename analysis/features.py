@@ -120,7 +120,7 @@ def resolve_run(run: PathLike) -> RunWeights:
     # The same resolution rmae.load_model uses (latest.json pointer, model.safetensors, newest
     # checkpoint); reusing it, rather than re-implementing it, guarantees the digest names the
     # very file whose weights the features come from.
-    from rmae.checkpoint import _run_folder_weights
+    from rmae.checkpoint import run_folder_weights
 
     run = Path(run)
     if not run.exists():
@@ -128,7 +128,7 @@ def resolve_run(run: PathLike) -> RunWeights:
     if not run.is_dir():
         raise CheckpointError(f"{run}: is a checkpoint file, not a run folder; make one with "
                               f"`rmae import {run} --out RUN` and probe RUN")
-    weights = _run_folder_weights(run)
+    weights = run_folder_weights(run)
     h = hashlib.sha256(file_digest(weights).encode())
     model_config = None
     cfg_file = run / "config.yaml"

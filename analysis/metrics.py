@@ -37,7 +37,8 @@ fraction. See :func:`patch_ownership`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Literal, NamedTuple
 
@@ -52,6 +53,7 @@ HeadMode = Literal["mean", "each"]
 __all__ = [
     "InstanceAwareness",
     "StreamingCKA",
+    "recording_last_layer_keys",
     "TokenCut",
     "attention_entropy",
     "attention_nmi",
@@ -695,6 +697,31 @@ def layer_cka(model_a: nn.Module, model_b: nn.Module, batches: Iterable[Tensor |
 # unsupervised object discovery (TokenCut) and CorLoc
 
 
+@contextmanager
+def recording_last_layer_keys(model: nn.Module, drop_prefix: bool = True) -> Iterator[list[Tensor]]:
+    """Within the block, every forward pass of ``model`` appends its last-layer keys
+    (``[B, L, D]``, heads concatenated; see :func:`last_layer_keys`) to the yielded list — so an
+    analysis that already runs the encoder gets the keys from the same pass."""
+    attn = model.blocks[-1].attn
+    heads = int(attn.num_heads)
+    prefix = 0 if not drop_prefix else _num_prefix(model)
+    k_norm = getattr(attn, "k_norm", None)
+    keys: list[Tensor] = []
+
+    def hook(_m, _i, qkv: Tensor) -> None:
+        B, N, three_d = qkv.shape
+        k = qkv.detach().reshape(B, N, 3, heads, three_d // (3 * heads))[:, :, 1]  # [B, N, heads, head_dim]
+        if k_norm is not None and not isinstance(k_norm, nn.Identity):
+            k = k_norm(k)  # normalises head_dim, same as timm's [B, heads, N, head_dim] layout
+        keys.append(k.reshape(B, N, -1)[:, prefix:])
+
+    handle = attn.qkv.register_forward_hook(hook)
+    try:
+        yield keys
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def last_layer_keys(model: nn.Module, images: Tensor, drop_prefix: bool = True) -> Tensor:
     """Keys of the last attention layer, heads concatenated: ``[B, L, D]`` (``[B, N, D]`` with
@@ -706,22 +733,9 @@ def last_layer_keys(model: nn.Module, images: Tensor, drop_prefix: bool = True) 
     ``attn.k_norm`` (QK-norm models) is applied when present, since those are the keys attention
     uses.
     """
-    attn = model.blocks[-1].attn
-    heads = int(attn.num_heads)
-    captured: list[Tensor] = []
-    handle = attn.qkv.register_forward_hook(lambda _m, _i, o: captured.append(o))
-    try:
+    with recording_last_layer_keys(model, drop_prefix) as keys:
         model.forward_features(images)
-    finally:
-        handle.remove()
-    qkv = captured[-1]
-    B, N, three_d = qkv.shape
-    k = qkv.reshape(B, N, 3, heads, three_d // (3 * heads))[:, :, 1]  # [B, N, heads, head_dim]
-    k_norm = getattr(attn, "k_norm", None)
-    if k_norm is not None and not isinstance(k_norm, nn.Identity):
-        k = k_norm(k)  # normalises head_dim, same as timm's [B, heads, N, head_dim] layout
-    k = k.reshape(B, N, -1)
-    return k[:, _num_prefix(model):] if drop_prefix else k
+    return keys[-1]
 
 
 class TokenCut(NamedTuple):

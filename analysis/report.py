@@ -120,7 +120,8 @@ def _attention_metrics(models: dict[str, torch.nn.Module], loader: DataLoader, p
         images, inst = batch["images"], batch.get("instances")
         for name, model in models.items():
             p, grid = model.patch_size, tuple(model.patch_embed.grid_size)
-            attn = extractors[name](images)
+            with M.recording_last_layer_keys(model) as keys:  # TokenCut's keys from the same pass
+                attn = extractors[name](images)
             vals = per_image[name]
             vals["attention_distance"].append(M.mean_attention_distance(attn, grid, p).mean(-1))
             vals["attention_entropy"].append(M.attention_entropy(attn).mean(-1))
@@ -131,11 +132,12 @@ def _attention_metrics(models: dict[str, torch.nn.Module], loader: DataLoader, p
                 vals["instance_leak"].append(ia.leak)
                 vals["instance_jaccard"].append(ia.jaccard)
                 vals["cls_jaccard"].append(M.cls_jaccard(attn, inst > 0, p))
-                found = M.discover_objects(model, images)
+                found = M.tokencut(keys[-1], grid, p)
                 vals["corloc"].append(M.corloc(found.boxes, M.boxes_from_instances(inst)))
             if "images" not in overlays:  # the first batch: material for the overlay figure
                 overlays.setdefault("maps", {})[name] = _overlay_maps(attn, grid, inst, p, images.shape[-2:])
-        overlays.setdefault("images", denormalize(images[:4]).permute(0, 2, 3, 1).numpy())
+        if "images" not in overlays:
+            overlays["images"] = denormalize(images[:4]).permute(0, 2, 3, 1).numpy()
         del attn
     out = {n: {k: torch.cat(v).double().numpy() for k, v in vals.items()} for n, vals in per_image.items()}
     return out, overlays

@@ -319,7 +319,9 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     return _strip_prefixes(_find_state_dict(obj, path)), _hints_from_file(obj), "torch"
 
 
-def _run_folder_weights(folder: Path) -> Path:
+def run_folder_weights(folder: Path) -> Path:
+    """The weights file :func:`load_model` reads for a run folder (``latest.json``'s, else
+    ``model.safetensors``, else the newest ``checkpoints/*.safetensors``)."""
     pointer = folder / "checkpoints" / "latest.json"
     if pointer.exists():  # written by the trainer after a checkpoint is complete
         try:
@@ -369,7 +371,7 @@ def load_model(path: str | os.PathLike, strict: bool = True, **overrides: Any) -
     folder_config = None
     if path.is_dir():
         folder_config = _run_folder_config(path)
-        path = _run_folder_weights(path)
+        path = run_folder_weights(path)
     sd, info, fmt = read_checkpoint(path)
 
     if fmt == "rmae" or folder_config is not None:

@@ -53,7 +53,7 @@ def test_analyze_writes_every_metric_and_a_report(runs, tmp_path):
     assert diff["instance_mass"]["value"] == pytest.approx(b - a, abs=1e-9)  # paired over the same images
     assert len(res["cka"]["rmae"]["matrix"]) == 2
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "## Differences: rmae − mae" in md and "instance_mass" in md and "does not win" in md or "better than" in md
+    assert "## Differences: rmae − mae" in md and "instance_mass" in md and ("does not win" in md or "better than" in md)
     for f in ("per_layer.csv", "summary.csv", "differences.csv", "figures/instance_mass.png",
               "figures/instance_mass.html", "figures/attention_overlays.png", "figures/interactive_iou.png",
               "figures/cka_rmae.png"):

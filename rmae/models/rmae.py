@@ -184,19 +184,9 @@ class MaskedAutoencoderViT(nn.Module):
         x = x.reshape(B, h, w, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, h * p, w * p)
 
-    def masking(self, batch: int, device: torch.device, mask_ratio: float, noise: torch.Tensor | None = None,
-                num_visible: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-image random masking by argsort of noise (MAE).
-
-        noise [B, L] (uniform if None) → ids_keep [B, l], ids_restore [B, L], mask [B, L]
-        (0 is keep, 1 is remove). Ascending: the l = int(L·(1 − mask_ratio)) smallest-noise
-        patches are kept (``num_visible`` sets l directly, e.g. for interactive clicks).
-        """
-        ids_shuffle, ids_restore = self._permutation(batch, device, noise)
-        ids_keep, mask = self._keep(ids_shuffle, ids_restore, self._len_keep(mask_ratio, num_visible))
-        return ids_keep, ids_restore, mask
-
     def _permutation(self, batch: int, device: torch.device, noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image random order by argsort of noise (MAE): noise [B, L] (uniform if None) →
+        ids_shuffle, ids_restore [B, L]. Ascending: the smallest-noise patches are kept first."""
         L = self.num_patches
         if noise is None:
             noise = torch.rand(batch, L, device=device)
@@ -214,6 +204,7 @@ class MaskedAutoencoderViT(nn.Module):
 
     @staticmethod
     def _keep(ids_shuffle: torch.Tensor, ids_restore: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``len_keep`` of the order are visible → ids_keep [B, l], mask [B, L] (0 is keep, 1 is remove)."""
         B, L = ids_shuffle.shape
         mask = torch.ones(B, L, device=ids_shuffle.device)
         mask[:, :len_keep] = 0
