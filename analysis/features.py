@@ -72,24 +72,6 @@ class RunWeights:
     image_size: int
 
 
-_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) → sha256, per process
-
-
-def file_digest(path: PathLike) -> str:
-    """SHA-256 of a file's bytes (memoised per process on path, size, mtime and inode, which any
-    rewrite changes, so a ViT-B checkpoint is hashed once per process, ~0.3 s)."""
-    p = Path(path)
-    st = p.stat()
-    memo = (str(p.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if memo not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-        _DIGESTS[memo] = h.hexdigest()
-    return _DIGESTS[memo]
-
-
 def _header_config(path: Path) -> tuple[dict[str, Any], int | None]:
     """(saved rmae config or {}, encoder depth counted from ``blocks.{i}`` keys or None) from a
     safetensors header — no tensor is read. ({}, None) when the file is not safetensors."""
@@ -115,12 +97,8 @@ def resolve_run(run: PathLike) -> RunWeights:
     Raises ``rmae.CheckpointError`` (a clear one-line message) when ``run`` is not a run folder
     or holds no weights.
     """
-    import yaml
     from rmae import CheckpointError
-    # The same resolution rmae.load_model uses (latest.json pointer, model.safetensors, newest
-    # checkpoint); reusing it, rather than re-implementing it, guarantees the digest names the
-    # very file whose weights the features come from.
-    from rmae.checkpoint import run_folder_weights
+    from rmae.runfolder import RunFolder
 
     run = Path(run)
     if not run.exists():
@@ -128,17 +106,12 @@ def resolve_run(run: PathLike) -> RunWeights:
     if not run.is_dir():
         raise CheckpointError(f"{run}: is a checkpoint file, not a run folder; make one with "
                               f"`rmae import {run} --out RUN` and probe RUN")
-    weights = run_folder_weights(run)
-    h = hashlib.sha256(file_digest(weights).encode())
-    model_config = None
-    cfg_file = run / "config.yaml"
-    if cfg_file.exists():
-        try:
-            model_config = (yaml.safe_load(cfg_file.read_text()) or {}).get("model_config")
-        except yaml.YAMLError as e:
-            raise CheckpointError(f"{cfg_file}: not valid YAML ({e}); fix or delete it") from None
-        # The folder's model_config wins over the file's (rmae.load_model), so it is identity too.
-        h.update(json.dumps(model_config, sort_keys=True, default=str).encode())
+    folder = RunFolder(run)
+    # The same resolution rmae.load_model uses (latest.json pointer, model.safetensors, newest
+    # checkpoint), so the digest names the very file whose weights the features come from.
+    weights = folder.weights_path()
+    digest = folder.digest()
+    model_config = folder.model_config()
     header, depth_from_keys = _header_config(weights)
     # rmae.load_model builds from the folder's model_config when there is one, else the file's.
     cfg = model_config if isinstance(model_config, dict) else header
@@ -149,7 +122,7 @@ def resolve_run(run: PathLike) -> RunWeights:
         mc = load_model(run).config
         depth, size = mc.depth, mc.img_size
     size = max(size) if isinstance(size, (list, tuple)) else size
-    return RunWeights(run=run, path=weights, digest=h.hexdigest(), depth=int(depth), image_size=int(size))
+    return RunWeights(run=run, path=weights, digest=digest, depth=int(depth), image_size=int(size))
 
 
 def normalize_layer(layer: int, depth: int) -> int:

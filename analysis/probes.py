@@ -735,7 +735,7 @@ def _jsonable(obj: Any) -> Any:
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
     import json
 
-    from rmae.checkpoint import atomic_write
+    from rmae.io import atomic_write
 
     text = json.dumps(obj, indent=1, allow_nan=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

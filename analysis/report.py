@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import rmae
-from rmae.checkpoint import atomic_write
+from rmae.io import atomic_write
 from rmae.data import RegionDataset, build_dataset, collate_regions, denormalize
 
 from . import metrics as M

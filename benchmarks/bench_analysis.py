@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import rmae
-from analysis.report import _attention_metrics
+from analysis.report import _attention_metrics  # replaced below
 from rmae.data import RegionDataset, build_dataset, collate_regions
 
 

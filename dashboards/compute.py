@@ -330,8 +330,8 @@ def mask_noise(num_patches: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def reconstruct(model, prepared: Prepared, regions: np.ndarray | None, mask_ratio: float, seed: int) -> dict[str, np.ndarray]:
-    """``rmae.train.figures.reconstruction_panels`` for one image → ``{name: uint8 [S, S, 3]}``."""
-    from rmae.train.figures import reconstruction_panels
+    """``rmae.reconstruction.reconstruction_panels`` for one image → ``{name: uint8 [S, S, 3]}``."""
+    from rmae.reconstruction import reconstruction_panels
 
     regions_t = torch.from_numpy(regions)[None] if (regions is not None and model.config.has_region_branch) else None
     panels = reconstruction_panels(model.eval(), prepared.tensor(), regions_t, noise=mask_noise(model.num_patches, seed),

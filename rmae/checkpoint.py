@@ -24,51 +24,22 @@ import os
 import pickle
 import re
 import struct
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointError
+from .io import atomic_write, check_output_path, is_regular_file
 from .models import MaskedAutoencoderViT, ModelConfig, build_model
 from .models.config import HEADS_BY_WIDTH, model_keywords
+from .runfolder import RunFolder
 
 FORMAT_KEY = "rmae_config"
-
-
-class CheckpointError(Exception):
-    """A checkpoint could not be read or does not fit; the message names the file and the fix."""
-
-
-# ------------------------------------------------------------------------------------------
-# atomic writes
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write ``path`` via ``write(tmp_path)``, fsync, then rename: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -309,52 +280,25 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder without weights; pass a checkpoint file or a run folder")
+    if not is_regular_file(path):
+        raise CheckpointError(f"{path}: not a regular file (a device, pipe or socket); pass a checkpoint file")
     fmt = _sniff(path)
     if fmt == "safetensors":
         sd, meta = _load_safetensors(path)
         if FORMAT_KEY in meta:
-            return _strip_prefixes(sd), json.loads(meta[FORMAT_KEY]), "rmae"
+            try:
+                cfg = json.loads(meta[FORMAT_KEY])
+            except (ValueError, TypeError):
+                cfg = None
+            if not isinstance(cfg, dict):
+                raise CheckpointError(f"{path}: its {FORMAT_KEY} metadata is not a JSON object (the file was edited or "
+                                      "damaged); re-export it, or load the weights with an explicit model")
+            return _strip_prefixes(sd), cfg, "rmae"
         return _strip_prefixes(sd), {}, "safetensors"
     obj = _torch_load(path)
     return _strip_prefixes(_find_state_dict(obj, path)), _hints_from_file(obj), "torch"
-
-
-def run_folder_weights(folder: Path) -> Path:
-    """The weights file :func:`load_model` reads for a run folder (``latest.json``'s, else
-    ``model.safetensors``, else the newest ``checkpoints/*.safetensors``)."""
-    pointer = folder / "checkpoints" / "latest.json"
-    if pointer.exists():  # written by the trainer after a checkpoint is complete
-        try:
-            weights = folder / "checkpoints" / json.loads(pointer.read_text())["weights"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{pointer}: unreadable ({e}); delete it to fall back to the newest checkpoint") from None
-        if weights.exists():
-            return weights
-    candidates = [folder / "model.safetensors", folder / "checkpoints" / "last.safetensors"]
-    for c in candidates:
-        if c.exists():
-            return c
-    ckpts = sorted((folder / "checkpoints").glob("*.safetensors"),
-                   key=lambda p: (int(m.group(1)) if (m := re.search(r"(\d+)", p.stem)) else -1, p.stat().st_mtime))
-    if not ckpts:
-        raise CheckpointError(f"{folder}: a run folder without weights (no model.safetensors or "
-                              "checkpoints/*.safetensors); train it first or import a checkpoint into it")
-    return ckpts[-1]
-
-
-def _run_folder_config(folder: Path) -> dict[str, Any] | None:
-    import yaml
-
-    cfg_file = folder / "config.yaml"
-    if not cfg_file.exists():
-        return None
-    try:
-        cfg = yaml.safe_load(cfg_file.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{cfg_file}: not valid YAML ({e}); fix or delete it") from None
-    if isinstance(cfg.get("model_config"), dict):
-        return cfg["model_config"]
-    return None
 
 
 def load_model(path: str | os.PathLike, strict: bool = True, **overrides: Any) -> MaskedAutoencoderViT:
@@ -370,8 +314,9 @@ def load_model(path: str | os.PathLike, strict: bool = True, **overrides: Any) -
         raise TypeError(f"unknown model keyword(s) {bad}; valid: {model_keywords()}")
     folder_config = None
     if path.is_dir():
-        folder_config = _run_folder_config(path)
-        path = run_folder_weights(path)
+        run = RunFolder(path)
+        folder_config = run.model_config()
+        path = run.weights_path()
     sd, info, fmt = read_checkpoint(path)
 
     if fmt == "rmae" or folder_config is not None:

@@ -26,7 +26,9 @@ reads and writes; any checkpoint rmae can load becomes one with `rmae import`.
 
 
 def _err(command: str, exc: BaseException) -> int:
-    print(f"rmae {command}: error: {exc}", file=sys.stderr)
+    """One line naming the command and what is wrong, exit status 2 (never a traceback)."""
+    msg = " ".join(str(exc).split()) if "\n" not in str(exc).strip() else str(exc).strip()
+    print(f"rmae {command}: error: {msg or type(exc).__name__}", file=sys.stderr)
     return 2
 
 
@@ -44,20 +46,18 @@ def _add_pretrain(sub) -> None:
 examples:
   rmae pretrain --config demo                            # runs/demo-rmae_vit_tiny_patch8
   rmae pretrain --config demo model=mae_vit_tiny_patch8 --out runs/mae
-  rmae pretrain --config configs/base.yaml data=coco:/coco/train2017:/coco/annotations/instances_train2017.json
+  rmae pretrain --config base data=coco:/coco/train2017:/coco/annotations/instances_train2017.json
   rmae pretrain --config demo steps=50 batch_size=32 num_regions=16 region_variant=channel
   rmae pretrain --resume runs/mae                        # or rerun the same command: it resumes
   torchrun --nproc_per_node 4 -m rmae pretrain --config small --out runs/small   # DDP
 
-training keys: model data region_source region_cache batch_size accum_steps steps epochs base_lr
-  min_lr warmup_steps weight_decay betas clip_grad checkpoint_every keep_checkpoints log_every
-  figure_every seed num_workers device precision compile scale min_region_size
+{keys}
 model keywords: img_size mask_ratio norm_pix_loss decoder_dim decoder_depth decoder_heads
   num_regions region_variant region_enc_dim region_enc_depth region_dec_dim region_dec_depth
   region_neck_depth region_heads bg_loss_weight region_loss_weight drop_path_rate
 batch_size is the global batch per optimizer step; lr = base_lr × batch_size / 256.
-""")
-    p.add_argument("--config", help="YAML file or preset name (demo, small, base)")
+""".format(keys="training keys:\n" + _train_keys_help()))
+    p.add_argument("--config", help="YAML file or preset name (demo, small, base; shipped in the package)")
     p.add_argument("--out", help="run folder (default runs/<preset>-<model>)")
     p.add_argument("--resume", metavar="RUN", help="continue this run folder with its own config")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -65,29 +65,31 @@ batch_size is the global batch per optimizer step; lr = base_lr × batch_size / 
     p.set_defaults(func=_pretrain)
 
 
-def _pretrain(args) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .train.config import ConfigError, config_from_dict, load_config, parse_override, validate
-    from .train.trainer import TrainingDiverged, config_of_run, pretrain
+def _train_keys_help() -> str:
+    from .settings import keys_help
+    from .train.config import TrainConfig
 
-    try:
-        if args.resume:
-            cfg = config_of_run(args.resume)
-            if args.overrides:  # e.g. steps=2000 to extend a finished run
-                values = cfg.to_flat_dict()
-                values.update(dict(parse_override(o) for o in args.overrides))
-                cfg = config_from_dict(values, f"{args.resume}/config.yaml + overrides")
-                validate(cfg)
-            out = Path(args.resume)
-        else:
-            if not args.config:
-                raise ConfigError("give --config (a YAML file or preset: demo, small, base) or --resume RUN")
-            cfg = load_config(args.config, args.overrides)
-            out = Path(args.out or f"runs/{Path(args.config).stem}-{cfg.model}")
-        result = pretrain(cfg, out, progress=not args.no_progress, resume=True if args.resume else None)
-    except (ConfigError, CheckpointError, DataError, TrainingDiverged) as e:
-        return _err("pretrain", e)
+    return keys_help(TrainConfig, skip=("model_args",))
+
+
+def _pretrain(args) -> int:
+    from .train.config import ConfigError, config_from_dict, load_config, parse_override, validate
+    from .train.trainer import config_of_run, pretrain
+
+    if args.resume:
+        cfg = config_of_run(args.resume)
+        if args.overrides:  # e.g. steps=2000 to extend a finished run
+            values = cfg.to_flat_dict()
+            values.update(dict(parse_override(o) for o in args.overrides))
+            cfg = config_from_dict(values, f"{args.resume}/config.yaml + overrides")
+            validate(cfg)
+        out = Path(args.resume)
+    else:
+        if not args.config:
+            raise ConfigError("give --config (a YAML file or preset: demo, small, base) or --resume RUN")
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out or f"runs/{Path(args.config).stem}-{cfg.model}")
+    result = pretrain(cfg, out, progress=not args.no_progress, resume=True if args.resume else None)
     last = result.last
     print(f"run folder: {result.run}  (step {result.step}, {result.wall_s:.0f} s)")
     if last:
@@ -121,22 +123,26 @@ key=value: model keywords the file cannot tell (norm_pix_loss, num_regions, num_
 
 
 def _import(args) -> int:
-    from .checkpoint import CheckpointError, load_model, save_model
-    from .train.config import ConfigError, parse_override
-    from .train.runfolder import RunFolder
+    from .checkpoint import load_model, save_model
+    from .errors import RunFolderError
+    from .runfolder import RunFolder
+    from .settings import parse_overrides
 
+    overrides = parse_overrides(args.overrides)
+    run = RunFolder(args.out)
+    if run.is_run():
+        raise RunFolderError(f"{args.out} already exists as a run folder; choose another --out")
     try:
-        overrides = dict(parse_override(o) for o in args.overrides)
         model = load_model(args.checkpoint, **overrides)
-        run = RunFolder(args.out)
-        if run.config_path.exists():
-            raise CheckpointError(f"{args.out} already exists as a run folder; choose another --out")
-        run.create()
+    except TypeError as e:  # an unknown model keyword
+        from .settings import ConfigError
+
+        raise ConfigError(str(e)) from None
+    with run.lock():
+        run.create("import")
         run.write_config({"imported_from": str(Path(args.checkpoint).resolve()), "source_kind": model.source_kind},
                          model.config.to_dict())
-        save_model(model, run.root / "model.safetensors", metadata={"imported_from": str(args.checkpoint)})
-    except (CheckpointError, ConfigError, TypeError) as e:
-        return _err("import", e)
+        save_model(model, run.model_path, metadata={"imported_from": str(args.checkpoint)})
     c = model.config
     print(f"{args.checkpoint}: {model.source_kind}")
     print(f"  → {run.root}: {c.family} ViT width {c.embed_dim}, depth {c.depth}, patch {c.patch_size}, "
@@ -163,18 +169,22 @@ examples:
 
 
 def _export(args) -> int:
-    from .checkpoint import CheckpointError, export_timm, load_model, save_model
+    from .checkpoint import export_timm, load_model, save_model
+    from .io import check_output_path
 
-    try:
-        model = load_model(args.run)
-        if args.format == "timm":
-            name, kwargs = export_timm(model, args.out)
-            print(f"wrote {args.out}: timm.create_model({name!r}, **{json.dumps(kwargs)})")
-        else:
-            save_model(model, args.out)
-            print(f"wrote {args.out} (weights + model config; rmae.load_model reads it)")
-    except CheckpointError as e:
-        return _err("export", e)
+    check_output_path(args.out)
+    src = Path(args.run)
+    if src.exists() and Path(args.out).exists() and Path(args.out).resolve() == src.resolve():
+        from .io import OutputPathError
+
+        raise OutputPathError(f"{args.out}: is the input; write the export to another file")
+    model = load_model(args.run)
+    if args.format == "timm":
+        name, kwargs = export_timm(model, args.out)
+        print(f"wrote {args.out}: timm.create_model({name!r}, **{json.dumps(kwargs)})")
+    else:
+        save_model(model, args.out)
+        print(f"wrote {args.out} (weights + model config; rmae.load_model reads it)")
     return 0
 
 
@@ -204,24 +214,20 @@ def _add_demo(sub) -> None:
         epilog="examples:\n  rmae demo\n  rmae demo --out /tmp/demo steps=50\n")
     p.add_argument("--out", default="runs", help="folder for the two run folders (default runs/)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the demo preset")
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> int:
-    from .data import DataError
-    from .train.config import ConfigError, load_config
-    from .train.trainer import TrainingDiverged, pretrain
+    from .train.config import load_config
+    from .train.trainer import pretrain
 
     t0 = time.time()
     results = {}
-    try:
-        for family in ("mae", "rmae"):
-            cfg = load_config("demo", list(args.overrides) + [f"model={family}_vit_tiny_patch8"])
-            print(f"\n== {family.upper()}: {cfg.model}, {cfg.data}, {cfg.steps} steps × batch {cfg.batch_size}, seed {cfg.seed}")
-            results[family] = pretrain(cfg, Path(args.out) / f"demo-{family}", progress=not args.no_progress)
-    except (ConfigError, DataError, TrainingDiverged) as e:
-        return _err("demo", e)
+    for family in ("mae", "rmae"):
+        cfg = load_config("demo", list(args.overrides) + [f"model={family}_vit_tiny_patch8"])
+        print(f"\n== {family.upper()}: {cfg.model}, {cfg.data}, {cfg.steps} steps × batch {cfg.batch_size}, seed {cfg.seed}")
+        results[family] = pretrain(cfg, Path(args.out) / f"demo-{family}", progress=not args.no_progress)
     print(f"\nrmae demo finished in {time.time() - t0:.0f} s")
     for family, r in results.items():
         last = r.last or {}
@@ -293,6 +299,8 @@ def _add_finetune(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import UserError
+
     parser = build_parser()
     # key=value overrides may come before or after options (argparse alone would only take
     # them in one place): collect stray key=value words into args.overrides.
@@ -305,7 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    command = " ".join(filter(None, [args.command, getattr(args, "regions_command", None)]))
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:  # every input problem: one line, exit 2
+        return _err(command, e)
+    except KeyboardInterrupt:
+        print(f"rmae {command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        return _err(command, MemoryError("out of memory; use a smaller batch_size, image size or model"))
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ import yaml
 from safetensors.torch import load_file
 
 import rmae
-from rmae.checkpoint import atomic_write
+from rmae.io import atomic_write
 from rmae.train.config import ConfigError, load_config
 from rmae.train.optim import lr_at, param_groups
-from rmae.train.runfolder import RunFolder
+from rmae.runfolder import RunFolder
 from rmae.train.trainer import TrainingDiverged, pretrain
 
 PY = sys.executable
@@ -102,7 +102,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 _SAVER = """
 import sys, torch, rmae
-from rmae.train.runfolder import RunFolder
+from rmae.runfolder import RunFolder
 run = RunFolder(sys.argv[1]).create()
 model = rmae.create_model("rmae_vit_small_patch16", img_size=64)
 step = 0
@@ -110,7 +110,7 @@ while True:
     step += 1
     with torch.no_grad():
         model.norm.weight.fill_(float(step))
-    run.save_checkpoint(model, {"step": step, "payload": torch.randn(2_000_000)}, step, keep=2)
+    run.save_checkpoint(model, {"step": step, "optimizer": {}, "rng": {}, "payload": torch.randn(2_000_000)}, step, keep=2)
     print(step, flush=True)
 """
 
@@ -171,7 +171,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
 def test_config_errors_name_the_file_and_the_fix(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: rmae_vit_tiny_patch8\nbatchsize: 3\nsteps: 2\n")
-    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key\(s\) \['batchsize'\].*batch_size"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown key\(s\) batchsize \(did you mean batch_size\?\)"):
         load_config(bad)
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

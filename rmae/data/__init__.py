@@ -21,7 +21,7 @@ from .coco import CocoDataset
 from .folder import ImageFolderDataset
 from .imageio import IMAGE_EXTENSIONS, load_image, load_label_map
 from .photos import PhotosDataset
-from .pipeline import RegionDataset, RegionLoader, collate_regions, seed_worker
+from .pipeline import RegionDataset, RegionLoader, collate_regions, evaluation_loader, seed_worker
 from .precompute import PrecomputeStats, precompute_regions
 from .regions import (
     FelzenszwalbSource,
@@ -49,7 +49,7 @@ __all__ = [
     "RegionCache", "default_cache_dir",
     "CocoDataset", "ImageFolderDataset", "PhotosDataset", "ScenesDataset", "SHAPES",
     "generate_scene", "IMAGE_EXTENSIONS", "load_image", "load_label_map",
-    "RegionDataset", "RegionLoader", "collate_regions", "seed_worker",
+    "RegionDataset", "RegionLoader", "collate_regions", "evaluation_loader", "seed_worker",
     "PrecomputeStats", "precompute_regions",
     "RegionSource", "FelzenszwalbSource", "SlicSource", "GroundTruthSource", "PanopticSource",
     "LabelMapSource", "parse_region_source", "sample_regions",

@@ -30,10 +30,12 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 Sample = dict[str, Any]
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data problem the user can fix (bad path, bad spec, unreadable file)."""
 
 

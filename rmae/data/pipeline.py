@@ -30,7 +30,7 @@ use :class:`RegionLoader`, which does it and seeds shuffling the same way.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,18 +170,27 @@ def seed_worker(worker_id: int) -> None:
 
 
 class RegionLoader:
-    """A DataLoader per epoch over a :class:`RegionDataset`, reproducible from ``seed``.
+    """The one loader over a :class:`RegionDataset`: training, fine-tuning, evaluation, analysis.
 
     Each ``iter()`` is one epoch: it sets the dataset's epoch, seeds the shuffle with
     ``(seed, epoch)``, and merges the files that workers skipped into ``dataset.skips`` so
     ``dataset.summary()`` in the main process is complete. ``forever()`` chains epochs (for
     step-based training). Workers are not persistent, so the epoch reaches them.
+
+    ``batch_plan(epoch) → list of index lists`` replaces shuffling and batching with explicit
+    batches (the trainer's per-step plan, which makes resumed and multi-process runs see the
+    same data). :func:`evaluation_loader` builds the deterministic, in-order variant.
     """
 
-    def __init__(self, dataset: RegionDataset, batch_size: int, shuffle: bool = True,
+    def __init__(self, dataset: RegionDataset, batch_size: int = 1, shuffle: bool = True,
                  num_workers: int = 0, seed: int = 0, drop_last: bool = True,
                  pin_memory: bool = False, start_epoch: int = 0,
-                 prefetch_factor: int | None = None) -> None:
+                 prefetch_factor: int | None = None,
+                 batch_plan: Callable[[int], list[list[int]]] | None = None) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
         self.dataset = dataset
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -191,6 +200,7 @@ class RegionLoader:
         self.pin_memory = pin_memory
         self.epoch = start_epoch
         self.prefetch_factor = prefetch_factor
+        self.batch_plan = batch_plan
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -199,18 +209,23 @@ class RegionLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.dataset.set_epoch(self.epoch)
+    def _loader(self) -> DataLoader:
+        extra: dict[str, Any] = {}
+        if self.num_workers > 0 and self.prefetch_factor is not None:
+            extra["prefetch_factor"] = self.prefetch_factor
+        common = dict(num_workers=self.num_workers, collate_fn=collate_regions, worker_init_fn=seed_worker,
+                      pin_memory=self.pin_memory, **extra)
+        if self.batch_plan is not None:
+            return DataLoader(self.dataset, batch_sampler=self.batch_plan(self.epoch), **common)
         g = torch.Generator()
         # SeedSequence, not hash(): string hashing is randomised per Python process.
         g.manual_seed(int(np.random.SeedSequence([_SALT, self.seed, self.epoch]).generate_state(1)[0]))
-        extra = {}
-        if self.num_workers > 0 and self.prefetch_factor is not None:
-            extra["prefetch_factor"] = self.prefetch_factor
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle,
-                            num_workers=self.num_workers, collate_fn=collate_regions,
-                            worker_init_fn=seed_worker, generator=g, drop_last=self.drop_last,
-                            pin_memory=self.pin_memory, **extra)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle, generator=g,
+                          drop_last=self.drop_last, **common)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.dataset.set_epoch(self.epoch)
+        loader = self._loader()
         self.epoch += 1
         for batch in loader:
             self.dataset.skips.merge(batch["skipped"])
@@ -225,3 +240,26 @@ class RegionLoader:
             if not yielded:
                 raise ValueError(f"dataset of {len(self.dataset)} is smaller than one batch of "
                                  f"{self.batch_size}; lower batch_size or set drop_last=False")
+
+
+def evaluation_loader(data: Any, image_size: int | tuple[int, int], *, batch_size: int = 64,
+                      seed: int = 0, crop_pct: float = 1.0, num_workers: int = 0, limit: int | None = None,
+                      source: RegionSource | str | None = None, num_regions: int = 8,
+                      patch_size: int = 16) -> RegionLoader:
+    """Deterministic, in-order batches of a data spec (or raw dataset) at a model's input size:
+    the loader every evaluation uses (fine-tuning validation, analysis, probes' features).
+
+    Images are centre-cropped by ``crop_pct`` and resized (``scenes`` are generated at the size);
+    ground-truth maps are resized with nearest neighbours alike. ``limit`` keeps the first N.
+    """
+    from .specs import build_dataset
+
+    hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    base = data if isinstance(data, BaseDataset) else build_dataset(data, image_size=max(hw), seed=seed)
+    ds = RegionDataset(base, source=source, cache=None, image_size=hw, train=False, crop_pct=crop_pct,
+                       num_regions=num_regions, patch_size=patch_size, seed=seed)
+    loader = RegionLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, drop_last=False)
+    if limit is not None and limit < len(ds):
+        loader.batch_plan = lambda _epoch, n=int(limit), b=batch_size: [list(range(i, min(i + b, n)))
+                                                                        for i in range(0, n, b)]
+    return loader

@@ -13,7 +13,7 @@ Attention has two code paths with identical outputs (timm's ``fused_attn`` idea)
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -51,9 +51,10 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention. ``x [B, N, C] → [B, N, C]``.
 
-    ``fused_attn`` picks scaled_dot_product_attention; when a recorder is attached (see
-    :func:`explicit_attention`) the explicit path runs and appends its weights
-    ``[B, heads, N, N]`` (rows sum to 1; row = query, column = key) to the recorder.
+    ``fused_attn`` picks scaled_dot_product_attention; otherwise the explicit path computes the
+    weights ``[B, heads, N, N]`` (rows sum to 1; row = query, column = key) and passes them
+    through ``attn_drop`` — timm's names, so :func:`explicit_attention` records the weights of
+    our attention and of timm's the same way (a hook on ``attn_drop``).
     """
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
@@ -64,21 +65,19 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused_attn = True
-        self.recorder: list[torch.Tensor] | None = None
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Identity()  # hook point of the explicit path's weights (no dropout here)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, heads, N, head_dim]
-        if self.fused_attn and self.recorder is None:
+        if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
         else:
             attn = (q * self.scale) @ k.transpose(-2, -1)  # [B, heads, N, N]
-            attn = attn.softmax(dim=-1)
-            if self.recorder is not None:
-                self.recorder.append(attn)
+            attn = self.attn_drop(attn.softmax(dim=-1))
             x = attn @ v
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
@@ -199,29 +198,41 @@ class ExpansionDecoderBlock(nn.Module):
         return self.mlp(self.norm3(expanded))
 
 
-@contextmanager
-def explicit_attention(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Record attention weights of every :class:`Attention` inside ``module``.
+def _records_weights(m: nn.Module) -> bool:
+    # Our Attention and timm's (Attention, Beit's, …): a fused/explicit switch and the explicit
+    # path's weights passing through ``attn_drop``.
+    return hasattr(m, "fused_attn") and isinstance(getattr(m, "attn_drop", None), nn.Module) and hasattr(m, "qkv")
 
-    Within the block, each attention layer computes its weights explicitly and appends
-    ``[B, heads, N, N]`` to the yielded list, in call order (for an encoder: layer 0 first).
-    Outputs equal the fused path's to float rounding. Weights keep their autograd graph so
-    gradient-based attribution can use them; wrap in ``torch.no_grad()`` when not needed.
+
+@contextmanager
+def explicit_attention(module: nn.Module | Iterable[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Record the attention weights of every self-attention layer inside ``module``.
+
+    Within the block, each such layer (ours, or timm's ``Attention`` — anything with a
+    ``fused_attn`` switch whose explicit path passes its weights through ``attn_drop``) runs its
+    explicit path and appends ``[B, heads, N, N]`` to the yielded list, in call order (for an
+    encoder: layer 0 first). ``module`` may be a list of modules (e.g. chosen blocks). Outputs
+    equal the fused path's to float rounding. Weights keep their autograd graph, so gradient
+    methods can use them; wrap in ``torch.no_grad()`` when not needed.
 
         with explicit_attention(model.blocks) as attn:
             model.forward_features(images)
         attn[-1]  # last encoder layer, [B, heads, 1+L, 1+L]
     """
+    modules = [module] if isinstance(module, nn.Module) else list(module)
+    layers = [m for mod in modules for m in mod.modules() if _records_weights(m)]
     store: list[torch.Tensor] = []
-    layers = [m for m in module.modules() if isinstance(m, Attention)]
-    previous = [m.recorder for m in layers]
+    previous = [m.fused_attn for m in layers]
+    handles = [m.attn_drop.register_forward_hook(lambda _m, _i, out: store.append(out)) for m in layers]
     for m in layers:
-        m.recorder = store
+        m.fused_attn = False
     try:
         yield store
     finally:
+        for h in handles:
+            h.remove()
         for m, prev in zip(layers, previous):
-            m.recorder = prev
+            m.fused_attn = prev
 
 
 def set_fused_attention(module: nn.Module, enabled: bool) -> None:

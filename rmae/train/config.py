@@ -1,7 +1,7 @@
-"""Training configuration: a dataclass, YAML presets under ``configs/``, ``key=value`` overrides.
+"""Pre-training settings: :class:`TrainConfig`, presets shipped in ``rmae/presets/``, ``key=value``.
 
-A config file is flat YAML. Its keys are the training keys below plus any model keyword
-(``img_size``, ``num_regions``, ``region_variant``, …; see ``rmae.model_keywords()``), e.g.::
+A config is flat YAML: the training keys below plus any model keyword (``img_size``,
+``num_regions``, ``region_variant``, …; see ``rmae.model_keywords()``), e.g.::
 
     model: rmae_vit_tiny_patch8
     img_size: 64
@@ -9,67 +9,62 @@ A config file is flat YAML. Its keys are the training keys below plus any model 
     batch_size: 64
     steps: 300
 
-``rmae pretrain --config configs/demo.yaml steps=100 region_variant=batch`` overrides keys;
-values are parsed as YAML scalars (``true``, ``1e-4``, ``[0.9, 0.95]``).
+``rmae pretrain --config demo steps=100 region_variant=batch`` overrides keys; values are YAML
+scalars (``true``, ``1e-4``, ``[0.9, 0.95]``), typed and range-checked by :mod:`rmae.settings`
+— the machinery every subcommand uses.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
-import yaml
+from ..device import DeviceError, check_device_name
+from ..models.config import ModelConfig, config_from_name, model_keywords, parse_model_name
+from ..settings import ConfigError, build, coerce, parse_override, resolve_config, setting, unknown_keys_message
 
-from ..models.config import model_keywords, parse_model_name
-
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs"
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names it and says how to fix it."""
+__all__ = ["ConfigError", "TRAIN_KEYS", "TrainConfig", "config_from_dict", "load_config", "parse_override", "validate"]
 
 
 @dataclass
 class TrainConfig:
     """Pre-training settings (model keywords live in ``model_args``)."""
 
-    model: str = "rmae_vit_tiny_patch8"  # registered name (rmae.list_models())
-    model_args: dict[str, Any] = field(default_factory=dict)  # model keywords, e.g. img_size
-    data: str = "scenes:train"  # data spec: scenes[:split], photos, folder:PATH, coco:IMAGES:JSON
-    region_source: str = "fh"  # fh | slic | gt | panoptic | labelmaps[:DIR] (ignored for mae_*)
-    region_cache: str = "default"  # folder for cached region maps; "default" = $RMAE_CACHE or ~/.cache/rmae
-    batch_size: int = 64  # global batch per optimizer step (all processes, all accumulation steps)
-    accum_steps: int = 1  # gradient accumulation: micro-batch = batch_size / (world size × accum_steps)
-    steps: int | None = None  # optimizer steps; wins over epochs
-    epochs: float | None = None
-    base_lr: float = 1.5e-4  # lr = base_lr × batch_size / 256 (MAE); the paper uses 1e-4 for R-MAE
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float | None = None  # max global grad norm; None = no clipping
-    checkpoint_every: int = 100  # steps; a checkpoint is also written at the end
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk
-    log_every: int = 10  # steps between metrics.jsonl lines
-    figure_every: int = 0  # steps between reconstruction figures (0 = only at the end)
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler)
-    compile: bool = False  # torch.compile the model
-    scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale (paper)
-    min_region_size: int = 0  # pixels; smaller segments are not sampled as regions
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-        self.scale = tuple(self.scale)
+    model: str = setting("rmae_vit_tiny_patch8", "registered model name (rmae models)")
+    model_args: dict[str, Any] = dataclasses.field(default_factory=dict)  # model keywords, e.g. img_size
+    data: str = setting("scenes:train", "data spec: scenes[:split][:N], photos, folder:PATH, coco:IMAGES:JSON")
+    region_source: str = setting("fh", "fh | slic | gt | panoptic | labelmaps[:DIR] (ignored for mae_*)")
+    region_cache: str = setting("default", 'region-map cache folder; "default" = $RMAE_CACHE or ~/.cache/rmae, "none" = off')
+    batch_size: int = setting(64, "global batch per optimizer step (all processes and accumulation steps)",
+                              low=1, high=1 << 20)
+    accum_steps: int = setting(1, "gradient accumulation steps per optimizer step", low=1, high=4096)
+    steps: int | None = setting(None, "optimizer steps (wins over epochs)", low=1, high=10**9)
+    epochs: float | None = setting(None, "epochs over the data (when steps is not set)", low=0, low_open=True, high=1e6)
+    base_lr: float = setting(1.5e-4, "lr = base_lr × batch_size / 256 (MAE); the paper uses 1e-4 for R-MAE",
+                             low=0, low_open=True)
+    min_lr: float = setting(0.0, "lr at the end of the cosine", low=0)
+    warmup_steps: int = setting(0, "linear warmup steps", low=0, high=10**9)
+    weight_decay: float = setting(0.05, "AdamW weight decay (none on norms, biases, tokens)", low=0, high=10)
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas", low=0, high=1, high_open=True)
+    clip_grad: float | None = setting(None, "max global gradient norm (None = no clipping)", low=0, low_open=True)
+    checkpoint_every: int = setting(100, "steps between checkpoints (one is also written at the end)", low=1)
+    keep_checkpoints: int = setting(2, "newest checkpoints kept on disk", low=1, high=10**6)
+    log_every: int = setting(10, "steps between metrics.jsonl / TensorBoard points", low=1)
+    figure_every: int = setting(0, "steps between reconstruction figures (0 = only at the end)", low=0)
+    seed: int = setting(0, "seed of weights, data order, augmentation and masks", low=0, high=2**63 - 1)
+    num_workers: int = setting(2, "data-loader worker processes", low=0, high=256)
+    device: str = setting("auto", "auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps")
+    precision: str = setting("fp32", "fp32 | bf16 | fp16 autocast (fp16 adds a grad scaler)",
+                             choices=("fp32", "bf16", "fp16"))
+    compile: bool = setting(False, "torch.compile the model")
+    scale: tuple[float, float] = setting((0.2, 1.0), "RandomResizedCrop area range (paper 0.2–1)",
+                                         low=0, low_open=True, high=1)
+    min_region_size: int = setting(0, "pixels; smaller segments are not sampled as regions", low=0)
 
     @property
-    def image_size(self) -> int:
+    def image_size(self) -> int | tuple[int, int]:
         size = self.model_args.get("img_size", 224)
         return size if isinstance(size, int) else tuple(size)
 
@@ -89,57 +84,9 @@ class TrainConfig:
 TRAIN_KEYS = [f.name for f in dataclasses.fields(TrainConfig) if f.name != "model_args"]
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} is not key=value (e.g. steps=100, region_variant=batch)")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({e})") from None
-
-
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
-    """YAML reads ``1e-3`` as a string and ``5`` where a float is meant; bring values to the
-    field's type (``float``, ``int``, ``bool``, ``X | None``, ``tuple``), or say which key is wrong."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if value is None and (type(None) in typing.get_args(hint)):
-        return None
-    candidates = args if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
-    for t in candidates:
-        origin = typing.get_origin(t) or t
-        try:
-            if origin is bool:
-                if isinstance(value, bool):
-                    return value
-                if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-                    return value.lower() in ("true", "yes", "1")
-                continue
-            if origin is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-                return float(value)
-            if origin is int and (isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit())) \
-                    and not isinstance(value, bool):
-                return int(value)
-            if origin is tuple and isinstance(value, (list, tuple)):
-                inner = typing.get_args(t)
-                convert = inner[0] if inner and isinstance(inner[0], type) else (lambda v: v)
-                return tuple(convert(v) for v in value)
-            if origin is str and isinstance(value, str):
-                return value
-            if origin is dict and isinstance(value, dict):
-                return value
-        except (TypeError, ValueError):
-            continue
-    raise ConfigError(f"{source}: {key}={value!r} is not a valid {hint}")
-
-
-def _coerce_fields(values: dict[str, Any], cls: type, source: str) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {k: _coerce(k, v, hints[k], source) for k, v in values.items()}
-
-
 def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
-    """Split flat keys into training keys and model keywords; unknown keys are an error."""
+    """Split flat keys into training keys and model keywords (each typed and range-checked);
+    unknown keys are an error that lists the valid ones."""
     train, model_args, unknown = {}, {}, []
     for key, value in values.items():
         if key in TRAIN_KEYS:
@@ -149,49 +96,32 @@ def config_from_dict(values: dict[str, Any], source: str = "config") -> TrainCon
         elif key == "model_config":  # written by us for load_model; rebuilt from the keys above
             continue
         else:
-            unknown.append(key)
+            unknown.append(str(key))
     if unknown:
-        raise ConfigError(f"{source}: unknown key(s) {unknown}. Training keys: {TRAIN_KEYS}. "
-                          f"Model keywords: {model_keywords()}")
+        raise ConfigError(unknown_keys_message(source, unknown, [*TRAIN_KEYS, *model_keywords()]))
+    cfg = build(TrainConfig, train, source)
     try:
-        parse_model_name(train.get("model", TrainConfig.model))
+        parse_model_name(cfg.model)
     except ValueError as e:
         raise ConfigError(f"{source}: {e}") from None
-    from ..models.config import ModelConfig
-
-    train = _coerce_fields(train, TrainConfig, source)
-    model_args = _coerce_fields(model_args, ModelConfig, source)
-    try:
-        return TrainConfig(model_args=model_args, **train)
-    except TypeError as e:
-        raise ConfigError(f"{source}: {e}") from None
+    # Model keywords are typed against ModelConfig's fields (the same coercion as every setting).
+    model_types = build_model_args(model_args, source)
+    cfg.model_args = model_types
+    return cfg
 
 
-def resolve_config_path(path: str | Path) -> Path:
-    """A path, or a preset name (``demo`` → ``configs/demo.yaml``)."""
-    p = Path(path)
-    if p.is_file():
-        return p
-    preset = PRESET_DIR / f"{path}.yaml"
-    if preset.is_file() and "/" not in str(path):  # a bare name is a preset, even beside a folder of that name
-        return preset
-    presets = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
-    raise ConfigError(f"config {path}: no such file; give a YAML path or a preset name ({', '.join(presets)})")
+def build_model_args(values: dict[str, Any], source: str) -> dict[str, Any]:
+    hints = typing.get_type_hints(ModelConfig)
+    return {k: coerce(k, v, hints[k], source) for k, v in values.items()}
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """A YAML file or preset name (``demo``, ``small``, ``base``), then ``key=value`` overrides."""
     values: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        p = resolve_config_path(path)
-        source = str(p)
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: expected a mapping of keys to values, got {type(loaded).__name__}")
-        values.update(loaded or {})
+        source, loaded = resolve_config(path)
+        values.update(loaded)
     for text in overrides or []:
         key, value = parse_override(text)
         values[key] = value
@@ -201,16 +131,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate(cfg: TrainConfig, source: str = "config") -> None:
+    """Checks across keys, and that the model the config describes can be built — before
+    anything is allocated or a run folder is touched."""
     problems = []
-    if cfg.batch_size < 1:
-        problems.append("batch_size must be >= 1")
-    if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
+    if cfg.batch_size % cfg.accum_steps:
         problems.append(f"batch_size {cfg.batch_size} must be divisible by accum_steps {cfg.accum_steps}")
     if cfg.steps is None and cfg.epochs is None:
         problems.append("set steps or epochs")
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        problems.append(f"precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
-    if cfg.checkpoint_every < 1 or cfg.log_every < 1:
-        problems.append("checkpoint_every and log_every must be >= 1")
+    if cfg.scale[0] > cfg.scale[1]:
+        problems.append(f"scale {list(cfg.scale)} must be (low, high) with low <= high")
+    if cfg.min_lr > cfg.base_lr * cfg.batch_size / 256:
+        problems.append(f"min_lr {cfg.min_lr} is above the peak lr {cfg.base_lr * cfg.batch_size / 256:g}")
+    try:
+        check_device_name(cfg.device)
+    except DeviceError as e:
+        problems.append(str(e))
     if problems:
         raise ConfigError(f"{source}: " + "; ".join(problems))
+    try:
+        mc = config_from_name(cfg.model, **cfg.model_args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if not 0.0 < mc.mask_ratio < 1.0:
+        raise ConfigError(f"{source}: mask_ratio={mc.mask_ratio} leaves nothing to predict or nothing to see; "
+                          "pre-training needs 0 < mask_ratio < 1 (MAE uses 0.75)")

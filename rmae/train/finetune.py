@@ -28,37 +28,39 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
-from ..checkpoint import CheckpointError, atomic_write, load_model
-from ..data import DataError, RegionDataset, build_dataset, collate_regions, seed_worker
+from ..checkpoint import load_model
+from ..data import DataError, RegionDataset, RegionLoader, build_dataset, evaluation_loader
+from ..device import DeviceError, resolve_device
+from ..errors import CheckpointError
+from ..evaluation import confusion_matrix, iou_from_confusion
+from ..io import atomic_write, atomic_write_json
 from ..models import MaskedAutoencoderViT
-from .config import ConfigError, parse_override
-from .distributed import pick_device
+from ..runfolder import RunFolder
+from ..settings import ConfigError, add_arguments, from_args, keys_help, setting
 from .optim import build_optimizer, lr_at, set_lr
-from .runfolder import RunFolder
 
 TASKS = ("classify", "segment")
 
 
 @dataclass
 class FinetuneConfig:
-    task: str = "classify"
-    data: str = "scenes:train"  # training split
-    val_data: str | None = None  # default: scenes → scenes:val; otherwise required for a val score
-    epochs: float = 10
-    steps: int | None = None  # wins over epochs
-    batch_size: int = 64
-    base_lr: float = 1e-3
-    min_lr: float = 1e-6
-    warmup_steps: int = 50
-    weight_decay: float = 0.05
-    layer_decay: float = 0.75
-    drop_path_rate: float = 0.1
-    seed: int = 0
-    num_workers: int = 2
-    device: str = "auto"
-    log_every: int = 10
+    task: str = setting("classify", "classify (image labels) | segment (category maps)", choices=TASKS)
+    data: str = setting("scenes:train", "training data spec")
+    val_data: str | None = setting(None, "validation data spec (scenes → scenes:val; otherwise needed for a score)")
+    epochs: float = setting(10, "epochs over the training data (when steps is not set)", low=0, low_open=True, high=1e6)
+    steps: int | None = setting(None, "optimizer steps (wins over epochs)", low=1, high=10**9)
+    batch_size: int = setting(64, "images per step", low=1, high=1 << 16)
+    base_lr: float = setting(1e-3, "peak lr = base_lr × batch_size / 256 (MAE)", low=0, low_open=True, high=10)
+    min_lr: float = setting(1e-6, "lr at the end of the cosine", low=0, high=10)
+    warmup_steps: int = setting(50, "linear warmup steps", low=0)
+    weight_decay: float = setting(0.05, "AdamW weight decay (none on norms, biases, tokens)", low=0, high=10)
+    layer_decay: float = setting(0.75, "layer-wise lr decay (MAE: 0.75 for ViT-B)", low=0, low_open=True, high=1)
+    drop_path_rate: float = setting(0.1, "stochastic depth", low=0, high=1, high_open=True)
+    seed: int = setting(0, "seed of the head, data order and augmentation", low=0)
+    num_workers: int = setting(2, "data-loader worker processes", low=0, high=256)
+    device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
+    log_every: int = setting(10, "steps between metrics.jsonl lines", low=1)
 
     def resolved_val(self) -> str | None:
         if self.val_data:
@@ -84,9 +86,10 @@ class FinetuneModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        tokens = self.encoder.forward_features(images)[:, 1:]  # [B, L, D]
-        if self.task == "classify":
-            return self.head(self.head_norm(tokens.mean(dim=1)))
+        tokens = self.encoder.forward_features(images)  # [B, 1+L, D]
+        if self.task == "classify":  # MAE's global-pool head: mean of the patch tokens
+            return self.head(self.head_norm(self.encoder.pool(tokens, "avg")))
+        tokens = tokens[:, self.encoder.num_prefix_tokens:]
         gh, gw = self.encoder.patch_embed.grid_size
         x = self.head_norm(tokens).transpose(1, 2).reshape(tokens.shape[0], -1, gh, gw)
         return F.interpolate(self.head(x), size=images.shape[-2:], mode="bilinear", align_corners=False)
@@ -141,21 +144,8 @@ def _num_classes(base, task: str) -> int:
     raise DataError(f"{type(base).__name__} has neither image labels nor category maps to {task} on")
 
 
-def confusion(pred: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
-    idx = target.flatten() * n + pred.flatten()
-    return torch.bincount(idx, minlength=n * n).reshape(n, n)
-
-
-def miou(conf: torch.Tensor) -> float:
-    """Mean IoU over classes present in the targets or predictions."""
-    tp = conf.diag().float()
-    union = conf.sum(0).float() + conf.sum(1).float() - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean()) if present.any() else float("nan")
-
-
 @torch.no_grad()
-def evaluate(model: FinetuneModel, loader: DataLoader, task: str, data: str, n: int, device) -> dict[str, float]:
+def evaluate(model: FinetuneModel, loader: RegionLoader, task: str, data: str, n: int, device) -> dict[str, float]:
     model.eval()
     correct = total = 0
     conf = torch.zeros(n, n, dtype=torch.long)
@@ -166,35 +156,46 @@ def evaluate(model: FinetuneModel, loader: DataLoader, task: str, data: str, n: 
             correct += int((logits.argmax(1) == target).sum())
             total += len(target)
         else:
-            conf += confusion(logits.argmax(1), target.clamp(max=n - 1), n)
+            conf += confusion_matrix(logits.argmax(1), target.clamp(max=n - 1), n)
     model.train()
-    return {"accuracy": correct / max(total, 1)} if task == "classify" else {"miou": miou(conf)}
+    return {"accuracy": correct / max(total, 1)} if task == "classify" else {"miou": iou_from_confusion(conf)[0]}
 
 
 def finetune(run_dir: str | Path, cfg: FinetuneConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-    if cfg.task not in TASKS:
-        raise ConfigError(f"task must be one of {TASKS}, got {cfg.task!r}")
     torch.manual_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     encoder = load_model(run_dir, drop_path_rate=cfg.drop_path_rate)
     c = encoder.config
     base = build_dataset(cfg.data, image_size=c.image_hw[0], seed=cfg.seed)
     n_cls = _num_classes(base, cfg.task)
     train_ds = RegionDataset(base, source=None, cache=None, image_size=c.image_hw, train=True, seed=cfg.seed,
                              scale=(0.08, 1.0) if cfg.task == "classify" else (0.5, 1.0))
+    if len(train_ds) < cfg.batch_size:
+        raise ConfigError(f"{cfg.data} has {len(train_ds)} images, fewer than one batch of {cfg.batch_size}; "
+                          "lower batch_size or use more data")
+    train_loader = RegionLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                num_workers=cfg.num_workers, seed=cfg.seed)
     val_spec = cfg.resolved_val()
     val_loader = None
     if val_spec:
-        val_base = build_dataset(val_spec, image_size=c.image_hw[0], seed=cfg.seed)
-        val_ds = RegionDataset(val_base, source=None, cache=None, image_size=c.image_hw, train=False, crop_pct=1.0)
-        val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, collate_fn=collate_regions, num_workers=cfg.num_workers)
+        val_loader = evaluation_loader(val_spec, c.image_hw, batch_size=cfg.batch_size, seed=cfg.seed,
+                                       num_workers=cfg.num_workers)
 
     model = FinetuneModel(encoder, cfg.task, n_cls).to(device)
-    steps_per_epoch = max(1, len(train_ds) // cfg.batch_size)
+    out_dir = RunFolder(out or Path(run_dir) / f"finetune-{cfg.task}")
+    with out_dir.lock():
+        out_dir.create("finetune")
+        return _finetune_loop(run_dir, cfg, out_dir, model, train_loader, val_loader, val_spec, n_cls, device, progress)
+
+
+def _finetune_loop(run_dir, cfg: FinetuneConfig, out_dir: RunFolder, model: "FinetuneModel", train_loader: RegionLoader,
+                   val_loader: RegionLoader | None, val_spec: str | None, n_cls: int, device: torch.device,
+                   progress: bool) -> dict[str, Any]:
+    c = model.encoder.config
+    steps_per_epoch = max(1, len(train_loader))
     total = cfg.steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     peak = cfg.base_lr * cfg.batch_size / 256
     opt = build_optimizer(model, peak, cfg.weight_decay, betas=(0.9, 0.999), layer_scales=model.layer_scales(cfg.layer_decay))
-    out_dir = RunFolder(out or Path(run_dir) / f"finetune-{cfg.task}").create()
     out_dir.write_config({**asdict(cfg), "pretrained": str(run_dir), "num_classes": n_cls}, c.to_dict())
     bar = None
     if progress:
@@ -204,11 +205,7 @@ def finetune(run_dir: str | Path, cfg: FinetuneConfig, out: str | Path | None = 
     step, epoch, t0, record = 0, 0, time.time(), {}
     model.train()
     while step < total:
-        train_ds.set_epoch(epoch)
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=g,
-                            collate_fn=collate_regions, num_workers=cfg.num_workers, worker_init_fn=seed_worker)
-        for batch in loader:
+        for batch in train_loader:  # one epoch
             if step >= total:
                 break
             lr = lr_at(step, total, peak, cfg.warmup_steps, cfg.min_lr)
@@ -244,8 +241,26 @@ def finetune(run_dir: str | Path, cfg: FinetuneConfig, out: str | Path | None = 
 
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     atomic_write(out_dir.root / "finetuned.safetensors", lambda tmp: save_file(sd, tmp))
-    atomic_write(out_dir.root / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    atomic_write_json(out_dir.root / "results.json", _finite(results), indent=2)
     return results
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    return obj
+
+
+EPILOG = """\
+examples:
+  rmae finetune runs/demo-rmae --task classify                       # scenes: class of the largest object
+  rmae finetune runs/demo-rmae --task segment epochs=20 layer_decay=0.65 base_lr=1e-3
+  rmae finetune runs/vit --task classify --data folder:/data/train val_data=folder:/data/val
+
+settings (key=value; --task and --data are flags for the same keys):
+"""
 
 
 def add_finetune_subcommand(sub) -> None:
@@ -254,36 +269,19 @@ def add_finetune_subcommand(sub) -> None:
         description="MAE's fine-tuning recipe (layer-wise lr decay, warmup, cosine, drop path) on a run "
                     "folder's encoder; accuracy or mIoU on the val split goes to RUN/finetune-<task>/results.json.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="""\
-examples:
-  rmae finetune runs/demo-rmae --task classify                       # scenes: class of the largest object
-  rmae finetune runs/demo-rmae --task segment epochs=20 layer_decay=0.65
-  rmae finetune runs/vit --task classify --data folder:/data/train val_data=folder:/data/val
-
-keys: data val_data epochs steps batch_size base_lr min_lr warmup_steps weight_decay layer_decay
-      drop_path_rate seed num_workers device log_every
-""")
+        epilog=EPILOG + keys_help(FinetuneConfig))
     p.add_argument("run")
-    p.add_argument("--task", choices=TASKS, required=True)
-    p.add_argument("--data", help="training data spec (default scenes:train)")
     p.add_argument("--out", help="output folder (default RUN/finetune-<task>)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    add_arguments(p, FinetuneConfig, flags=("task", "data"))
     p.set_defaults(func=_finetune_cli)
 
 
 def _finetune_cli(args) -> int:
     try:
-        values = dict(parse_override(o) for o in args.overrides)
-        values["task"] = args.task
-        if args.data:
-            values["data"] = args.data
-        known = set(FinetuneConfig.__dataclass_fields__)
-        bad = sorted(set(values) - known)
-        if bad:
-            raise ConfigError(f"unknown key(s) {bad}; valid: {sorted(known)}")
-        results = finetune(args.run, FinetuneConfig(**values), args.out, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, DataError, RuntimeError) as e:
+        cfg = from_args(FinetuneConfig, args, "finetune settings")
+        results = finetune(args.run, cfg, args.out, progress=not args.no_progress)
+    except (ConfigError, CheckpointError, DataError, DeviceError, RuntimeError) as e:
         print(f"rmae finetune: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(results, indent=2))

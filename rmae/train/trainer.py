@@ -18,24 +18,26 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
 
-from ..checkpoint import CheckpointError
-from ..data import RegionDataset, build_dataset, collate_regions, seed_worker
+from ..data import RegionDataset, RegionLoader, build_dataset, collate_regions
+from ..errors import CheckpointError, UserError
 from ..models import MaskedAutoencoderViT, create_model
+from ..runfolder import RunFolder
 from .config import ConfigError, TrainConfig, config_from_dict
 from .distributed import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed
 from .figures import save_reconstruction_figure
 from .optim import build_optimizer, lr_at, set_lr
-from .runfolder import RunFolder, capture_rng, restore_rng
+from .rng import capture_rng, restore_rng
 
 # keys that may change when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = {"steps", "epochs", "num_workers", "device", "log_every", "checkpoint_every",
                      "figure_every", "keep_checkpoints", "region_cache", "compile"}
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or inf; the run folder keeps its last good checkpoint."""
 
 
@@ -100,18 +102,15 @@ class BatchPlan:
 
 def _batches(ds: RegionDataset, plan: BatchPlan, start_step: int, num_workers: int) -> Iterator[tuple[int, dict]]:
     """Yield (epoch, micro-batch) from ``start_step`` on, epoch after epoch."""
-    epoch, offset = divmod(start_step, plan.steps_per_epoch)
+    first_epoch, offset = divmod(start_step, plan.steps_per_epoch)
+    loader = RegionLoader(ds, num_workers=num_workers, start_epoch=first_epoch,
+                          batch_plan=lambda e: plan.micro_batches(e, offset if e == first_epoch else 0))
     while True:
-        ds.set_epoch(epoch)
-        loader = DataLoader(ds, batch_sampler=plan.micro_batches(epoch, offset), num_workers=num_workers,
-                            collate_fn=collate_regions, worker_init_fn=seed_worker,
-                            persistent_workers=False)
-        for batch in loader:
-            ds.skips.merge(batch["skipped"])  # files skipped inside workers reach us only here
+        epoch = loader.epoch
+        for batch in loader:  # one epoch; skips reported by workers are merged by the loader
             yield epoch, batch
         if ds.skips.count:
             print(f"epoch {epoch}: {ds.summary()}", flush=True)
-        epoch, offset = epoch + 1, 0
 
 
 def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -121,20 +120,27 @@ def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def pretrain(cfg: TrainConfig, out: str | Path, progress: bool = True, resume: bool | None = None) -> TrainResult:
     """Pre-train ``cfg.model`` into the run folder ``out`` (created, or resumed if it holds a
-    checkpoint of the same config). ``resume=True`` requires a checkpoint; ``False`` refuses one."""
+    checkpoint of the same config). ``resume=True`` requires a checkpoint; ``False`` refuses one.
+
+    The main process holds the run folder's writer lock for the whole run, so a second
+    ``rmae pretrain`` on the same folder stops at once with a clear error."""
+    run = RunFolder(out)
+    if run.holds_foreign_files():
+        run.create()  # raises: a folder of the user's files is never written into
     dist, device = init_distributed(cfg.device)
     try:
-        return _pretrain(cfg, Path(out), dist, device, progress, resume)
+        with run.lock() if dist.is_main else contextlib.nullcontext():
+            return _pretrain(cfg, run, dist, device, progress, resume)
     finally:
         cleanup(dist)
 
 
-def _pretrain(cfg: TrainConfig, out: Path, dist: DistInfo, device: torch.device, progress: bool,
+def _pretrain(cfg: TrainConfig, run: RunFolder, dist: DistInfo, device: torch.device, progress: bool,
               resume: bool | None) -> TrainResult:
     t_start = time.time()
-    run = RunFolder(out)
+    out = run.root
     flat = cfg.to_flat_dict()
-    previous = run.latest() if run.root.exists() else None
+    previous = run.latest() if run.is_run() else None
     if previous is not None:
         if resume is False:
             raise ConfigError(f"{out} already holds a run (step {previous['step']}); choose another --out or resume it")
@@ -161,9 +167,7 @@ def _pretrain(cfg: TrainConfig, out: Path, dist: DistInfo, device: torch.device,
     step = 0
     if previous is not None:
         weights, state = run.load_state()
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(weights, device=str(device)), strict=True)
+        _load_resume_weights(model, weights, device)
         optimizer.load_state_dict(state["optimizer"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -173,7 +177,7 @@ def _pretrain(cfg: TrainConfig, out: Path, dist: DistInfo, device: torch.device,
             run.truncate_metrics(step)
             print(f"resuming {out} from step {step}", flush=True)
     if dist.is_main:
-        run.create()
+        run.create("pretrain")
         run.clean_partial()
         run.write_config(flat, c.to_dict())
     barrier(dist)
@@ -181,7 +185,7 @@ def _pretrain(cfg: TrainConfig, out: Path, dist: DistInfo, device: torch.device,
     if step >= total_steps:
         if dist.is_main:
             print(f"{out} is already complete ({step}/{total_steps} steps)")
-        return TrainResult(out, step, (run.read_metrics() or [{}])[-1], time.time() - t_start)
+        return TrainResult(out, step, (run.read_metrics()[0] or [{}])[-1], time.time() - t_start)
 
     net: torch.nn.Module = model
     if cfg.compile:
@@ -190,7 +194,7 @@ def _pretrain(cfg: TrainConfig, out: Path, dist: DistInfo, device: torch.device,
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
 
     figure_batch = _figure_batch(cfg, model) if dist.is_main else None
-    writer = _tensorboard(run.root) if dist.is_main else None
+    writer = SummaryWriter(str(run.tensorboard)) if dist.is_main else None
     bar = None
     if progress and dist.is_main:
         from tqdm.auto import tqdm
@@ -261,11 +265,14 @@ def _pretrain(cfg: TrainConfig, out: Path, dist: DistInfo, device: torch.device,
             barrier(dist)
         if dist.is_main and figure_batch is not None and (
                 (cfg.figure_every and step % cfg.figure_every == 0) or step == total_steps):
-            _save_figure(model, figure_batch, run, step, device)
+            png = _save_figure(model, figure_batch, run, step, device)
+            if writer is not None:
+                writer.add_image("reconstruction", np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
             net.train()
     if bar is not None:
         bar.close()
     if writer is not None:
+        writer.flush()
         writer.close()
     return TrainResult(out, step, last_record, time.time() - t_start)
 
@@ -289,24 +296,33 @@ def _figure_batch(cfg: TrainConfig, model: MaskedAutoencoderViT, n: int = 4) -> 
     return collate_regions(items)
 
 
-def _save_figure(model: MaskedAutoencoderViT, batch: dict, run: RunFolder, step: int, device: torch.device) -> None:
+def _save_figure(model: MaskedAutoencoderViT, batch: dict, run: RunFolder, step: int, device: torch.device) -> Path:
     g = torch.Generator().manual_seed(1234)  # the same masks in every figure of a run
     noise = torch.rand(batch["images"].shape[0], model.num_patches, generator=g).to(device)
     regions = batch.get("regions")
-    save_reconstruction_figure(model, batch["images"].to(device), None if regions is None else regions.to(device),
-                               run.figures / f"recon_step_{step:06d}.png", title=f"{run.root.name} — step {step}",
-                               noise=noise)
+    return save_reconstruction_figure(model, batch["images"].to(device),
+                                      None if regions is None else regions.to(device),
+                                      run.figures / f"recon_step_{step:06d}.png",
+                                      title=f"{run.root.name} — step {step}", noise=noise)
 
 
-def _tensorboard(root: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # noqa: BLE001 - tensorboard is optional
-        return None
-    return SummaryWriter(str(root / "tensorboard"))
+def _load_resume_weights(model: MaskedAutoencoderViT, weights: Path, device: torch.device) -> None:
+    from ..checkpoint import read_checkpoint
+
+    sd, _, _ = read_checkpoint(weights)  # clear errors for truncated or foreign files
+    own = model.state_dict()
+    bad = sorted(set(own) ^ set(sd)) + sorted(k for k in set(own) & set(sd) if own[k].shape != sd[k].shape)
+    if bad:
+        raise CheckpointError(f"{weights}: does not fit the model of this run's config ({len(bad)} keys differ, "
+                              f"e.g. {bad[:3]}); the weights belong to another model — delete checkpoints/latest.json "
+                              "to start over")
+    model.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True)
 
 
 def config_of_run(run_dir: str | Path) -> TrainConfig:
     """The training config a run folder was made with (for --resume)."""
-    doc = RunFolder(run_dir).read_config()
+    run = RunFolder(run_dir)
+    if not run.root.is_dir():
+        raise CheckpointError(f"{run_dir}: no such run folder")
+    doc = run.read_config()
     return config_from_dict(doc, source=str(Path(run_dir) / "config.yaml"))

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny models, run folders of them, and briefly trained runs.
+
+Sizes are the smallest that still exercise every code path: ViT-Tiny/8 at 32² (a 4×4 grid),
+depth 2, one decoder block. Test files build on these instead of re-declaring their own.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+import rmae
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+IMG = 32  # ViT-Tiny/8 at 32²: a 4×4 patch grid
+TINY = {"img_size": IMG, "depth": 2, "decoder_depth": 1}
+#: key=value words that make any preset tiny and quick (used with load_config / `rmae pretrain`)
+TINY_TRAIN = [f"img_size={IMG}", "depth=2", "decoder_depth=1", "data=scenes:train:64", "batch_size=16",
+              "num_workers=0"]
+
+
+def tiny_model(name: str = "rmae_vit_tiny_patch8", seed: int = 0, **keywords: Any) -> rmae.MaskedAutoencoderViT:
+    """A randomly initialised tiny model (deterministic for a seed), in eval mode."""
+    torch.manual_seed(seed)
+    return rmae.create_model(name, **{**TINY, **keywords}).eval()
+
+
+def make_run(folder: Path, model: torch.nn.Module | None = None, name: str = "rmae_vit_tiny_patch8",
+             **keywords: Any) -> Path:
+    """A run folder holding ``model`` (or a fresh tiny one), as ``rmae import`` writes it."""
+    from rmae.runfolder import RunFolder
+
+    model = model if model is not None else tiny_model(name, **keywords)
+    run = RunFolder(folder).create("import")
+    run.write_config({"model": model.config.name or name}, model.config.to_dict())
+    rmae.save_model(model, run.model_path)
+    return folder
+
+
+def subprocess_env(tmp: Path) -> dict[str, str]:
+    """Environment for `python -m rmae …` subprocesses: this checkout first on the path, a private
+    region cache, one thread (the machine has two cores and pytest uses them)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["RMAE_CACHE"] = str(tmp / "rmae-cache")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture
+def tiny() -> Callable[..., rmae.MaskedAutoencoderViT]:
+    """``tiny(name="rmae_vit_tiny_patch8", seed=0, **keywords)`` → a tiny model in eval mode."""
+    return tiny_model
+
+
+@pytest.fixture
+def run_factory(tmp_path) -> Callable[..., Path]:
+    """``run_factory("name", model=None, **keywords)`` → a run folder under ``tmp_path``."""
+
+    def make(sub: str = "run", model: torch.nn.Module | None = None, **keywords: Any) -> Path:
+        return make_run(tmp_path / sub, model, **keywords)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory) -> dict[str, Path]:
+    """MAE and R-MAE tiny runs trained for a few steps with the real trainer (shared by the
+    analysis, probe, dashboard and notebook tests). Treat them as read-only."""
+    from rmae.train import load_config, pretrain
+
+    root = tmp_path_factory.mktemp("trained")
+    out = {}
+    for fam in ("mae", "rmae"):
+        cfg = load_config("demo", [f"model={fam}_vit_tiny_patch8", *TINY_TRAIN, "steps=3", "checkpoint_every=3",
+                                   f"region_cache={root / 'cache'}"])
+        out[fam] = pretrain(cfg, root / fam, progress=False).run
+    return out
