@@ -102,23 +102,24 @@ def load_for_analysis(path_or_model: Any) -> nn.Module:
 # maps
 
 
-def _to_grid(rows: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[..., 1+L] attention rows → [..., gh, gw] over patch keys (cls key dropped)."""
-    return rows[..., 1:].reshape(*rows.shape[:-1], *grid)
+def _to_grid(rows: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
+    """[..., P+L] attention rows → [..., gh, gw] over patch keys (prefix keys dropped)."""
+    return rows[..., num_prefix:].reshape(*rows.shape[:-1], *grid)
 
 
-def cls_maps(attn: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def cls_maps(attn: torch.Tensor, grid: tuple[int, int], num_prefix: int = 1) -> torch.Tensor:
     """CLS → patch attention of one layer. attn [B, h, N, N] → [B, h, gh, gw] (not renormalised)."""
-    return _to_grid(attn[:, :, 0], grid)
+    return _to_grid(attn[:, :, 0], grid, num_prefix)
 
 
-def patch_query_maps(attn: torch.Tensor, query: int | torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def patch_query_maps(attn: torch.Tensor, query: int | torch.Tensor, grid: tuple[int, int],
+                     num_prefix: int = 1) -> torch.Tensor:
     """Attention from one query **patch** (paper Fig. 6). ``query`` is a patch index (0-based,
     without cls), an int or a ``[B]`` tensor (one query per image). → ``[B, h, gh, gw]``."""
     B = attn.shape[0]
-    q = torch.as_tensor(query, device=attn.device).long().expand(B) + 1  # token index
+    q = torch.as_tensor(query, device=attn.device).long().expand(B) + num_prefix  # token index
     rows = attn[torch.arange(B, device=attn.device), :, q]  # [B, h, N]
-    return _to_grid(rows, grid)
+    return _to_grid(rows, grid, num_prefix)
 
 
 def aggregate_heads(maps: torch.Tensor, how: str | int = "mean") -> torch.Tensor:

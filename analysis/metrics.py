@@ -888,4 +888,4 @@ def corloc(pred_boxes: Tensor, gt_boxes: Sequence[Tensor], threshold: float = 0.
             hits.append(float("nan"))
         else:
             hits.append(float(box_iou(pred[None], gt.to(pred.device)).max() >= threshold))
-    return torch.tensor(hits, dtype=torch.float64)
+    return torch.tensor(hits, dtype=torch.float64, device=pred_boxes.device)

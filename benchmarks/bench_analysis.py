@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 import rmae
-from analysis.report import _attention_metrics  # replaced below
-from rmae.data import RegionDataset, build_dataset, collate_regions
+from analysis.analyze import attention_metrics
+from rmae.data import evaluation_loader
 
 
 def rss_mb() -> float:
@@ -32,10 +31,8 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def loader(size: int, n: int, batch: int) -> DataLoader:
-    ds = RegionDataset(build_dataset(f"scenes:val:{n}", image_size=size), source=None, cache=None, image_size=size,
-                       train=False, crop_pct=1.0)
-    return DataLoader(ds, batch_size=batch, collate_fn=collate_regions)
+def loader(size: int, n: int, batch: int):
+    return evaluation_loader(f"scenes:val:{n}", size, batch_size=batch)
 
 
 def throughput(name: str, size: int, n: int, batch: int) -> None:
@@ -48,7 +45,7 @@ def throughput(name: str, size: int, n: int, batch: int) -> None:
             model.forward_features(b["images"])
         bare = n / (time.perf_counter() - t)
     t = time.perf_counter()
-    _attention_metrics({"m": model}, batches, progress=False)
+    attention_metrics({"m": model}, batches)
     full = n / (time.perf_counter() - t)
     print(f"{name:<24}{size:>5}²{bare:>12.1f}{full:>14.1f}{full / bare:>9.3f}")
 
@@ -81,22 +78,25 @@ def main() -> None:
     print(f"\n2. resident memory while streaming {args.images} images (ViT-Tiny/8 64², batch 32)")
     model = rmae.create_model("rmae_vit_tiny_patch8", img_size=64).eval()
     sampled = Sampled(loader(64, args.images, 32))
-    _attention_metrics({"m": model}, sampled, progress=False)
+    attention_metrics({"m": model}, sampled)
     for seen, mb in sampled.samples:
         print(f"  after {seen:>5} images: {mb:8.1f} MB")
     first, last = sampled.samples[1][1], sampled.samples[-1][1]  # skip the allocator's first growth
     print(f"  growth from {sampled.samples[1][0]} to {sampled.samples[-1][0]} images: {last - first:+.1f} MB")
 
     print("\n3. feature cache: linear probe, first vs second run (ViT-Tiny/8 64², 400 train / 200 val)")
-    from analysis.probes import run_probe
+    from analysis.probes import ProbeConfig, run_probe
+    from rmae.runfolder import RunFolder
 
-    run = Path(tempfile.mkdtemp(prefix="rmae-bench-analysis-"))
-    rmae.save_model(model, run / "model.safetensors")
+    run = RunFolder(Path(tempfile.mkdtemp(prefix="rmae-bench-analysis-")) / "run").create("import")
+    run.write_config({"model": model.config.name}, model.config.to_dict())
+    rmae.save_model(model, run.model_path)
+    probe = ProbeConfig(probe="linear", data="scenes:train:400", eval_data="scenes:val:200", device="cpu")
     t = time.perf_counter()
-    a = run_probe(run, "linear", "scenes:train:400", "scenes:val:200", progress=False)
+    a = run_probe(run.root, probe, progress=False)
     first = time.perf_counter() - t
     t = time.perf_counter()
-    b = run_probe(run, "linear", "scenes:train:400", "scenes:val:200", progress=False)
+    b = run_probe(run.root, probe, progress=False)
     second = time.perf_counter() - t
     assert b["feature_cache_hit"] and a["value"] == b["value"]
     print(f"  first {first:.2f} s, second {second:.2f} s (cache hit): {first / second:.1f}× faster")

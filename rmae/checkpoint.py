@@ -330,7 +330,8 @@ def load_model(path: str | os.PathLike, strict: bool = True, **overrides: Any) -
     else:
         config, kind = infer_config(sd, path, {**info, **overrides})
 
-    model = build_model(config)
+    with torch.device("cpu"):  # weights are read on the CPU; the caller moves the model where it runs
+        model = build_model(config)
     _load_weights(model, sd, path, kind, strict)
     model.source, model.source_kind = str(path), kind
     return model

@@ -237,6 +237,10 @@ def coerce(key: str, value: Any, hint: Any, source: str) -> Any:
                     return value
                 continue
             if origin in (tuple, list):
+                if isinstance(value, str):  # the command-line form: a,b,c (none or empty = nothing)
+                    value = [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",")]
+                elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                    value = [value]  # `clicks=4` is the one-element list
                 if not isinstance(value, (list, tuple)):
                     continue
                 inner = typing.get_args(t)
@@ -351,5 +355,5 @@ def from_args(cls: type, args: argparse.Namespace, source: str, *,
     for key, raw in vars(args).items():
         if key.startswith("setting__") and raw is not None:
             name = key[len("setting__"):]
-            values[name] = yaml_load(raw) if isinstance(raw, str) and raw.strip() else raw
+            values[name] = parse_override(f"{name}={raw}")[1] if isinstance(raw, str) and raw.strip() else raw
     return build(cls, values, source)

@@ -9,72 +9,96 @@ import sys
 import numpy as np
 import pytest
 
-from analysis.report import AnalysisError, analyze, verdict
+from analysis.analyze import AnalysisError, AnalyzeConfig, analyze
+from analysis.report import verdict
+from analysis.results import Estimate, Results
 from analysis.stats import bootstrap_ci, excludes_zero, paired_difference_ci, wilson_ci
 
 NAMES = {"attention_distance", "attention_entropy", "attention_nmi", "instance_mass", "instance_leak",
          "instance_jaccard", "cls_jaccard", "corloc", "linear_probe", "knn", "attentive_probe", "dense_miou"}
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from rmae.train import load_config, pretrain
-
-    root = tmp_path_factory.mktemp("runs")
-    out = {}
-    for fam in ("mae", "rmae"):
-        cfg = load_config("demo", [f"model={fam}_vit_tiny_patch8", "img_size=32", "depth=2", "decoder_depth=1",
-                                   "data=scenes:train:64", "batch_size=16", "steps=3", "num_workers=0",
-                                   "checkpoint_every=3", f"region_cache={root / 'cache'}"])
-        out[fam] = pretrain(cfg, root / fam, progress=False).run
-    return out
-
-
-def test_analyze_writes_every_metric_and_a_report(runs, tmp_path):
-    res = analyze([runs["mae"], runs["rmae"]], "scenes:val:24", tmp_path / "rep", batch_size=8,
-                  probes=("linear", "knn", "attentive", "dense"), probe_train="scenes:train:48", clicks=(1, 2),
-                  progress=False)
-    on_disk = json.loads((tmp_path / "rep" / "results.json").read_text())
-    assert on_disk == json.loads(json.dumps(res))
-    assert res["reference"] == "mae" and res["n_images"] == 24
+def test_analyze_writes_every_metric_and_a_report(trained_runs, tmp_path):
+    runs = trained_runs
+    cfg = AnalyzeConfig(data="scenes:val:24", batch_size=8, probes=("linear", "knn", "attentive", "dense"),
+                        probe_train="scenes:train:48", clicks=(1, 2), device="cpu")
+    res = analyze([runs["mae"], runs["rmae"]], cfg, tmp_path / "rep", progress=False)
+    on_disk = Results.load(tmp_path / "rep" / "results.json")
+    assert on_disk.to_json() == json.loads(json.dumps(res.to_json())) and not on_disk.problems
+    assert res.reference == "mae" and res.n_images == 24
     for name in ("mae", "rmae"):
-        metrics = res["runs"][name]["metrics"]
+        metrics = res.runs[name].metrics
         assert NAMES <= set(metrics), NAMES - set(metrics)
-        assert len(metrics["instance_mass"]["per_layer"]) == 2
+        assert len(metrics["instance_mass"].per_layer) == 2
         for key in ("instance_mass", "instance_leak", "instance_jaccard", "cls_jaccard"):
-            v, (lo, hi) = metrics[key]["value"], metrics[key]["ci"]
+            v, (lo, hi) = metrics[key].value, metrics[key].ci
             assert 0 <= lo <= v <= hi <= 1, (key, v, lo, hi)
-        assert metrics["attention_distance"]["unit"] == "px"
-    assert "interactive_iou" in res["runs"]["rmae"]["metrics"] and "interactive_iou" not in res["runs"]["mae"]["metrics"]
-    assert set(res["baselines"]["interactive_iou"]) == {"fh", "clicked"}
-    diff = res["differences"]["rmae − mae"]
-    a = res["runs"]["mae"]["metrics"]["instance_mass"]["value"]
-    b = res["runs"]["rmae"]["metrics"]["instance_mass"]["value"]
-    assert diff["instance_mass"]["value"] == pytest.approx(b - a, abs=1e-9)  # paired over the same images
-    assert len(res["cka"]["rmae"]["matrix"]) == 2
+        assert metrics["attention_distance"].extra["unit"] == "px"
+    assert "interactive_iou" in res.runs["rmae"].metrics and "interactive_iou" not in res.runs["mae"].metrics
+    assert set(res.baselines["interactive_iou"]) == {"fh", "clicked"}
+    diff = res.differences["rmae − mae"]
+    a = res.runs["mae"].metrics["instance_mass"].value
+    b = res.runs["rmae"].metrics["instance_mass"].value
+    assert diff["instance_mass"].value == pytest.approx(b - a, abs=1e-9)  # paired over the same images
+    assert all(e.extra["scope"] == "checkpoint" for e in diff.values())
+    assert len(res.cka["rmae"]["matrix"]) == 2
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "## Differences: rmae − mae" in md and "instance_mass" in md and ("does not win" in md or "better than" in md)
+    assert "## Differences: rmae − mae" in md and "instance_mass" in md
+    # one checkpoint per side: the report never calls a difference better or worse
+    assert " better" not in md and " worse" not in md and "one checkpoint per side" in md
     for f in ("per_layer.csv", "summary.csv", "differences.csv", "figures/instance_mass.png",
               "figures/instance_mass.html", "figures/attention_overlays.png", "figures/interactive_iou.png",
               "figures/cka_rmae.png"):
         assert (tmp_path / "rep" / f).stat().st_size > 100, f
 
 
-def test_cli_and_clear_errors(runs, tmp_path):
+def test_analyze_completes_with_what_the_data_supports(trained_runs, tmp_path):
+    """Photos have no instance masks and no labels: the attention metrics are still computed,
+    everything else is named as skipped, with the reason."""
+    res = analyze([trained_runs["mae"], trained_runs["rmae"]], AnalyzeConfig(data="photos", batch_size=4, device="cpu"),
+                  tmp_path / "rep", progress=False)
+    metrics = res.runs["rmae"].metrics
+    assert {"attention_distance", "attention_entropy", "attention_nmi"} <= set(metrics)
+    assert not {"instance_mass", "corloc", "interactive_iou", "linear_probe"} & set(metrics)
+    skipped = res.meta["skipped"]
+    assert "no instance masks" in skipped["instance_mass"] and "probe-train" in skipped["linear_probe"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Not measured" in md and "no instance masks" in md
+
+
+def test_cli_and_clear_errors(trained_runs, tmp_path):
+    runs = trained_runs
     r = subprocess.run([sys.executable, "-m", "rmae", "analyze", str(runs["mae"]), str(runs["rmae"]), "--data",
                         "scenes:val:8", "--out", str(tmp_path / "cli"), "--probes", "none", "--clicks", "1",
-                        "--no-progress", "--no-cka"], capture_output=True, text=True, timeout=600)
+                        "--no-progress", "--no-cka", "batch_size=4"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "report.md" in r.stdout and (tmp_path / "cli" / "report.md").exists()
+    res = Results.load(tmp_path / "cli" / "results.json")
+    assert not res.cka and res.runs["rmae"].metrics["interactive_iou"].extra["clicks"] == [1]
     r = subprocess.run([sys.executable, "-m", "rmae", "analyze", str(tmp_path / "nope"), "--out", str(tmp_path / "x")],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "no such file" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "rmae", "analyze", str(runs["mae"]), "--out", str(tmp_path / "x"),
+                        "--clicks", "one"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and "clicks" in r.stderr and "Traceback" not in r.stderr
     import rmae
 
     big = rmae.create_model("mae_vit_tiny_patch8", img_size=64, depth=1)
     rmae.save_model(big, tmp_path / "big.safetensors")
     with pytest.raises(AnalysisError, match="different image sizes"):
-        analyze([runs["mae"], tmp_path / "big.safetensors"], "scenes:val:8", tmp_path / "y", probes=(), progress=False)
+        analyze([runs["mae"], tmp_path / "big.safetensors"], AnalyzeConfig(data="scenes:val:8", probes=()),
+                progress=False)
+
+
+def test_verdicts_follow_the_scope_of_the_evidence():
+    checkpoint = Estimate(-0.1, (-0.2, -0.05), extra={"scope": "checkpoint"})
+    method = Estimate(-0.1, (-0.2, -0.05), extra={"scope": "method"})
+    assert "better" not in verdict("instance_leak", checkpoint) and "these checkpoints" in verdict("instance_leak", checkpoint)
+    assert verdict("corloc", Estimate(0.1, (0.02, 0.2), extra={"scope": "method"})) == "higher — better"
+    assert verdict("corloc", method) == "lower — worse"
+    assert verdict("attention_distance", method) == "lower (descriptive)"  # no direction is better
+    assert verdict("corloc", Estimate(0.1, (-0.01, 0.2), extra={"scope": "method"})).startswith("no clear difference")
+    assert verdict("corloc", Estimate(None, None)) == "not measured"
 
 
 def test_bootstrap_and_wilson_intervals():
@@ -90,5 +114,4 @@ def test_bootstrap_and_wilson_intervals():
     assert wilson_ci(0, 10)[1][0] == pytest.approx(0.0) and wilson_ci(10, 10)[1][1] == pytest.approx(1.0)
     p, (lo, hi) = wilson_ci(50, 100)
     assert p == 0.5 and lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
-    assert verdict("instance_leak", {"value": -0.1, "ci": [-0.2, -0.05]}) == "lower — better"
-    assert verdict("instance_mass", {"value": 0.1, "ci": [-0.01, 0.2]}).startswith("no clear difference")
+

@@ -125,7 +125,8 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     for text in overrides or []:
         key, value = parse_override(text)
         values[key] = value
-    cfg = config_from_dict(values, source + (" + overrides" if overrides else ""))
+    source += " + overrides" if overrides else ""
+    cfg = config_from_dict(values, source)
     validate(cfg, source)
     return cfg
 

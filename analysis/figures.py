@@ -1,4 +1,5 @@
-"""Figures of a report: matplotlib PNGs and plotly HTML from ``results.json`` content."""
+"""Figures of a report: matplotlib PNGs and plotly HTML, drawn from :class:`Results`, plus the
+attention-overlay material collected during the analysis pass."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-LAYER_PLOTS = ("attention_distance", "attention_entropy", "attention_nmi", "instance_mass", "instance_leak",
-               "instance_jaccard", "cls_jaccard")
+from .registry import LAYER_METRICS, metric
+from .results import Estimate, Results
 
 
 class _Figures:
@@ -31,27 +33,26 @@ def _plt():
     return _Figures
 
 
-def _band(entry: dict[str, Any], key_mean: str, key_ci: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    mean = np.array([np.nan if v is None else v for v in entry[key_mean]], dtype=float)
-    ci = entry[key_ci]
+def _band(mean: list, ci: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m = np.array([np.nan if v is None else v for v in mean], dtype=float)
     lo = np.array([np.nan if c is None else c[0] for c in ci], dtype=float)
     hi = np.array([np.nan if c is None else c[1] for c in ci], dtype=float)
-    return mean, lo, hi
+    return m, lo, hi
 
 
-def layer_curves(results: dict[str, Any], out: Path) -> None:
+def layer_curves(results: Results, out: Path) -> None:
     """One PNG + HTML per per-layer metric, every run with its 95 % band."""
     import plotly.graph_objects as go
 
     plt = _plt()
-    for key in LAYER_PLOTS:
-        runs = {n: r["metrics"][key] for n, r in results["runs"].items() if key in r["metrics"]}
+    for key in LAYER_METRICS:
+        runs = {n: r.metrics[key] for n, r in results.runs.items() if key in r.metrics and r.metrics[key].per_layer}
         if not runs:
             continue
         fig, ax = plt.subplots(figsize=(5, 3.2))
         pfig = go.Figure()
         for i, (name, e) in enumerate(runs.items()):
-            mean, lo, hi = _band(e, "per_layer", "per_layer_ci")
+            mean, lo, hi = _band(e.per_layer, e.per_layer_ci or [None] * len(e.per_layer))
             x = np.arange(len(mean))
             line, = ax.plot(x, mean, marker="o", ms=3, label=name)
             ax.fill_between(x, lo, hi, alpha=0.2, color=line.get_color())
@@ -63,32 +64,33 @@ def layer_curves(results: dict[str, Any], out: Path) -> None:
                                       showlegend=False, legendgroup=name))
             pfig.add_trace(go.Scatter(x=x, y=mean, mode="lines+markers", name=name, line=dict(color=color),
                                       legendgroup=name))
-        unit = next(iter(runs.values())).get("unit", "")
+        unit = metric(key).unit
         ax.set_xlabel("layer")
-        ax.set_ylabel(f"{key}" + (f" ({unit})" if unit else ""))
-        ax.set_title(f"{key} per layer (95 % CI)", fontsize=9)
+        ax.set_ylabel(metric(key).title + (f" ({unit})" if unit else ""))
+        ax.set_title(f"{metric(key).title} per layer (95 % CI)", fontsize=9)
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(out / f"{key}.png", dpi=120)
         plt.close(fig)
-        pfig.update_layout(title=f"{key} per layer (95 % CI)", xaxis_title="layer", yaxis_title=key,
+        pfig.update_layout(title=f"{metric(key).title} per layer (95 % CI)", xaxis_title="layer", yaxis_title=key,
                            template="plotly_white", height=420)
         pfig.write_html(out / f"{key}.html", include_plotlyjs="cdn")
 
 
-def interactive_curves(results: dict[str, Any], out: Path) -> None:
+def interactive_curves(results: Results, out: Path) -> None:
     import plotly.graph_objects as go
 
-    curves = {n: r["metrics"]["interactive_iou"] for n, r in results["runs"].items() if "interactive_iou" in r["metrics"]}
-    curves.update({f"baseline: {k}": v for k, v in results.get("baselines", {}).get("interactive_iou", {}).items()})
+    curves: dict[str, Estimate] = {n: r.metrics["interactive_iou"] for n, r in results.runs.items()
+                                   if "interactive_iou" in r.metrics}
+    curves.update({f"baseline: {k}": v for k, v in results.baselines.get("interactive_iou", {}).items()})
     if not curves:
         return
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 3.2))
     pfig = go.Figure()
     for name, e in curves.items():
-        mean, lo, hi = _band(e, "per_click", "per_click_ci")
-        x = np.array(e["clicks"], dtype=float)
+        mean, lo, hi = _band(e.extra.get("per_click") or [], e.extra.get("per_click_ci") or [])
+        x = np.array(e.extra.get("clicks") or [], dtype=float)
         style = "--" if name.startswith("baseline") else "-"
         line, = ax.plot(x, mean, style, marker="o", ms=3, label=name)
         ax.fill_between(x, lo, hi, alpha=0.15, color=line.get_color())
@@ -109,14 +111,56 @@ def interactive_curves(results: dict[str, Any], out: Path) -> None:
     pfig.write_html(out / "interactive_iou.html", include_plotlyjs="cdn")
 
 
-def overlays(material: dict[str, Any], out: Path) -> None:
+class OverlayMaterial:
+    """Collects, from the first batch of the analysis pass, the images and for each run the
+    last-layer CLS map and the patch-query map at the centre of each image's largest instance
+    (``analysis.analyze.attention_metrics(on_batch=material.take)``)."""
+
+    def __init__(self, n: int = 4) -> None:
+        self.n = n
+        self.images: np.ndarray | None = None
+        self.maps: dict[str, dict[str, Any]] = {}
+
+    def take(self, name: str, info, images: torch.Tensor, instances: torch.Tensor | None, rec) -> None:
+        if name in self.maps:
+            return
+        from rmae.data import denormalize
+
+        from .attention import aggregate_heads, cls_maps, normalise_for_display, patch_query_maps, upsample
+        from .groundtruth import patch_ownership
+
+        n, grid, P = min(self.n, images.shape[0]), info.grid, info.num_prefix_tokens
+        last = rec.weights[-1][:n].float().cpu()
+        size = tuple(images.shape[-2:])
+        centre = grid[0] // 2 * grid[1] + grid[1] // 2
+        queries = [centre] * n
+        if instances is not None:
+            owner, _ = patch_ownership(instances[:n].cpu(), info.patch_size)
+            for b in range(n):
+                ids, counts = torch.unique(owner[b][owner[b] > 0], return_counts=True)
+                if len(ids):
+                    cells = torch.nonzero(owner[b] == ids[counts.argmax()])
+                    cell = cells[((cells.float() - cells.float().mean(0)) ** 2).sum(1).argmin()]
+                    queries[b] = int(cell[0]) * grid[1] + int(cell[1])
+        maps = {"queries": np.array(queries), "grid": tuple(grid)}
+        if info.has_cls:
+            maps["cls"] = normalise_for_display(upsample(aggregate_heads(cls_maps(last, grid, num_prefix=P)), size)).numpy()
+        q = torch.tensor(queries, device=last.device)
+        maps["query"] = normalise_for_display(upsample(aggregate_heads(
+            patch_query_maps(last, q, grid, num_prefix=P)), size)).numpy()
+        self.maps[name] = maps
+        if self.images is None:
+            self.images = denormalize(images[:n].cpu()).permute(0, 2, 3, 1).clamp(0, 1).numpy()
+
+
+def overlays(material: OverlayMaterial, out: Path) -> None:
     """Rows = images; columns = image, then per run: CLS map and the patch-query map (query
     marked) of the last layer, overlaid on the image."""
-    if not material.get("maps"):
+    if not material.maps or material.images is None:
         return
     plt = _plt()
-    images = material["images"]
-    runs = list(material["maps"])
+    images = material.images
+    runs = list(material.maps)
     n = len(images)
     cols = 1 + 2 * len(runs)
     fig, axes = plt.subplots(n, cols, figsize=(1.7 * cols, 1.7 * n + 0.3), squeeze=False)
@@ -125,10 +169,12 @@ def overlays(material: dict[str, Any], out: Path) -> None:
         if i == 0:
             axes[i, 0].set_title("image", fontsize=7)
         for j, run in enumerate(runs):
-            m = material["maps"][run]
+            m = material.maps[run]
             for k, (kind, label) in enumerate((("cls", "CLS"), ("query", "patch query"))):
                 ax = axes[i, 1 + 2 * j + k]
                 ax.imshow(images[i])
+                if kind not in m:  # no cls token (e.g. a mean-pooled ViT)
+                    continue
                 ax.imshow(m[kind][i], cmap="inferno", alpha=0.6, vmin=0, vmax=1)
                 if kind == "query":  # mark the query patch
                     ax.plot(*_query_centre(int(m["queries"][i]), m[kind][i].shape, m["grid"]), marker="+",
@@ -151,11 +197,11 @@ def _query_centre(q: int, shape: tuple[int, int], grid: tuple[int, int]) -> tupl
     return (x + 0.5) * w / gw, (y + 0.5) * h / gh
 
 
-def cka_maps(results: dict[str, Any], out: Path) -> None:
-    if not results.get("cka"):
+def cka_maps(results: Results, out: Path) -> None:
+    if not results.cka:
         return
     plt = _plt()
-    for name, c in results["cka"].items():
+    for name, c in results.cka.items():
         mat = np.asarray(c["matrix"])
         fig, ax = plt.subplots(figsize=(3.6, 3.2))
         im = ax.imshow(mat, vmin=0, vmax=1, cmap="viridis", origin="lower")
