@@ -65,6 +65,8 @@ class AnalyzeConfig:
     interactive_image: str = setting("all", "what the pixel encoder sees in interactive segmentation: all | clicks",
                                      choices=("all", "clicks"))
     cka: bool = setting(True, "layer × layer CKA against the reference run")
+    controls: bool = setting(False, "also run the controls (content-free, local, random-init, oracle) through the "
+                                    "attention metrics, so the report shows each metric's null and ceiling")
     seed: int = setting(0, "seed of the images (scenes), bootstrap and clicks", low=0)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
     precision: str = setting("fp32", "fp32 | bf16 (autocast for the attention pass where exact weights are not needed)",
@@ -137,6 +139,8 @@ def attention_metrics(models: dict[str, torch.nn.Module], loader, *, precision: 
         inst = batch.get("instances")
         for name, model in models.items():
             info = infos[name]
+            if hasattr(model, "observe"):  # the oracle control is shown the ground truth it is built from
+                model.observe(batch)
             _, rec = attention_pass(model, batch["images"], keys=True, precision=precision)
             _per_image(per_image[name], rec, inst.to(rec.weights[0].device) if inst is not None else None, info)
             if on_batch is not None:
@@ -200,16 +204,26 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
 
     from .figures import OverlayMaterial
 
+    controls = {}
+    if cfg.controls:
+        from .controls import build_controls
+
+        controls = build_controls(models[ref], cfg.seed)
+        if not has_instances:
+            controls.pop("control:oracle")
     overlay = OverlayMaterial()
-    per_image = attention_metrics(models, loader, precision=cfg.precision, progress=progress, on_batch=overlay.take)
+    per_image = attention_metrics({**models, **controls}, loader, precision=cfg.precision, progress=progress,
+                                  on_batch=lambda name, *a: None if name in controls else overlay.take(name, *a))
     if not has_instances:
         for key in ("instance_mass", "instance_leak", "instance_jaccard", "cls_jaccard", "corloc", "interactive_iou"):
             skipped[key] = f"{cfg.data} has no instance masks (use scenes:… or coco:…)"
-    res = Results(data=str(cfg.data), n_images=len(loader.dataset), seed=cfg.seed, reference=ref)
-    for name, model in models.items():
-        info = infos[name]
+    res = Results(data=str(cfg.data), n_images=len(loader.dataset), seed=cfg.seed, reference=ref,
+                  per_image={n: dict(v) for n, v in per_image.items()})
+    for name, model in {**models, **controls}.items():
+        info = infos.get(name) or describe(model)
         c = getattr(model, "config", None)
-        entry = RunResult(name, str(paths[name]), info.family, info.name,
+        entry = RunResult(name, str(paths.get(name, "")), "control" if name in controls else info.family,
+                          name if name in controls else info.name, role="control" if name in controls else "run",
                           config=c.to_dict() if hasattr(c, "to_dict") else {})
         for key, values in per_image[name].items():
             entry.metrics[key] = (layer_estimate(values, cfg.seed, METRICS[key].unit if METRICS[key].unit in ("px", "nats") else "")
@@ -265,6 +279,8 @@ def _interactive(res: Results, models: dict[str, torch.nn.Module], loader, cfg: 
                               "per_click_ci": [list(c) if c else None for c in cis], "n_pairs": len(curve.image_ids)})
         if name in res.runs:
             res.runs[name].metrics["interactive_iou"] = est
+            res.per_image.setdefault(name, {})["interactive_iou"] = np.asarray(
+                [curve.iou[name][k] for k in curve.clicks], dtype=float).T  # [pairs, clicks]
         else:
             res.baselines.setdefault("interactive_iou", {})[name] = est
 

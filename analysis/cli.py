@@ -17,6 +17,7 @@ examples:
       --data coco:/coco/val2017:/coco/annotations/instances_val2017.json
   rmae analyze runs/mae runs/rmae --data scenes:val:100 --out reports/quick --probes none --clicks 1,4,16
   rmae analyze runs/mae runs/rmae --out reports/gpu device=cuda precision=bf16
+  rmae analyze runs/mae runs/rmae --out reports/controls --controls --probes none   # with null and ceiling
 
 writes OUT/results.json, OUT/report.md, OUT/per_layer.csv, OUT/summary.csv, OUT/differences.csv and
 OUT/figures/ (per-layer curves PNG + HTML, attention overlays, interactive curves, CKA). The first MAE
@@ -40,6 +41,9 @@ def register(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or checkpoints rmae can load)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--no-cka", action="store_true", help="skip the layer × layer CKA (same as cka=false)")
+    p.add_argument("--controls", action="store_true",
+                   help="also analyse the controls (content-free, local, random-init, oracle): where each metric's "
+                        "null and ceiling lie (same as controls=true)")
     p.add_argument("--no-progress", action="store_true")
     add_arguments(p, AnalyzeConfig, flags=FLAGS)
     p.set_defaults(func=run)
@@ -48,8 +52,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from .analyze import analyze
 
-    cfg = from_args(AnalyzeConfig, args, "analyze settings", defaults={"cka": False} if args.no_cka else None)
-    # key=value and --flags won over the defaults; --no-cka is the one flag that is not a value
+    switches = {**({"cka": False} if args.no_cka else {}), **({"controls": True} if args.controls else {})}
+    cfg = from_args(AnalyzeConfig, args, "analyze settings", defaults=switches)
     results = analyze(args.runs, cfg, args.out, progress=not args.no_progress)
     out = Path(args.out)
     print(f"analysed {len(results.runs)} run(s) on {results.n_images} images of {results.data} "

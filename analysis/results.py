@@ -30,6 +30,7 @@ from rmae.errors import UserError
 from rmae.io import atomic_write_json, read_text
 
 RESULTS_VERSION = 1
+PER_IMAGE_FILE = "per_image.npz"
 MAX_RESULTS_BYTES = 64 * 2**20
 DASH = "—"
 
@@ -147,6 +148,9 @@ class Results:
     cka: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: per-image (or per-pair) values behind the estimates, ``{run: {metric: array}}``; saved beside
+    #: results.json as ``per_image.npz`` (not JSON), read by ``rmae study`` to nest images in seeds
+    per_image: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     # -- access --------------------------------------------------------------------------------
 
@@ -170,7 +174,36 @@ class Results:
         return d
 
     def save(self, path: str | Path) -> Path:
+        """``results.json`` at ``path`` and, when there are per-image values, ``per_image.npz`` beside it."""
+        path = Path(path)
+        if self.per_image:
+            import numpy as np
+
+            from rmae.io import atomic_write
+
+            arrays = {f"{run}/{key}": np.asarray(v) for run, vals in self.per_image.items() for key, v in vals.items()}
+
+            def write(tmp: str) -> None:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **arrays)
+
+            atomic_write(path.with_name(PER_IMAGE_FILE), write)
         return atomic_write_json(path, self.to_json(), indent=1)
+
+    def load_per_image(self, folder: str | Path) -> dict[str, dict[str, Any]]:
+        """The per-image arrays saved beside ``folder/results.json`` (empty if there are none)."""
+        import numpy as np
+
+        f = Path(folder) / PER_IMAGE_FILE
+        if not f.is_file():
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        with np.load(f, allow_pickle=False) as z:
+            for name in z.files:
+                run, _, key = name.rpartition("/")
+                out.setdefault(run, {})[key] = z[name]
+        self.per_image = out
+        return out
 
     @classmethod
     def from_json(cls, doc: Any, where: str = "results.json") -> "Results":

@@ -5,6 +5,7 @@
 - :func:`paired_difference_ci`: the same images for two models, resampled jointly, so the
   interval of ``mean(b) − mean(a)`` accounts for their correlation (paired bootstrap).
 - :func:`wilson_ci`: binomial proportion interval for accuracies (Wilson 1927).
+- :func:`nested_bootstrap_ci`: images nested in seeds — the interval of a *method* (``rmae study``).
 
 NaN entries (e.g. an image with no instance query) are ignored per resample.
 """
@@ -61,7 +62,11 @@ def wilson_ci(correct: int, total: int, alpha: float = ALPHA) -> tuple[float, tu
     """Accuracy and its Wilson score interval."""
     if total == 0:
         return float("nan"), (float("nan"), float("nan"))
-    z = {0.05: 1.959963984540054, 0.1: 1.6448536269514722, 0.01: 2.5758293035489004}.get(alpha, 1.959963984540054)
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1.0 - alpha / 2.0))  # two-sided: 1.96 for alpha 0.05
     p = correct / total
     denom = 1 + z * z / total
     centre = (p + z * z / (2 * total)) / denom
@@ -72,3 +77,39 @@ def wilson_ci(correct: int, total: int, alpha: float = ALPHA) -> tuple[float, tu
 def excludes_zero(ci: tuple[float, float]) -> bool:
     lo, hi = ci
     return bool(np.isfinite(lo) and np.isfinite(hi) and (lo > 0 or hi < 0))
+
+
+def nested_bootstrap_ci(values, n_boot: int = N_BOOT, alpha: float = ALPHA, seed: int = 0):
+    """Mean over seeds and images with a two-level bootstrap interval: images nested in seeds.
+
+    ``values [S, n, ...]``: one row per seed (checkpoint), the same ``n`` images in every row.
+    Each resample draws ``S`` seeds with replacement *and* one resample of the images, shared by
+    the drawn seeds (they were all scored on the same images), then averages — so the interval
+    carries both seed-to-seed spread (how far another seed of the method would land) and the
+    sampling of images. With a single seed only the image level remains: that interval describes
+    one checkpoint, not a method (callers mark it ``"scope": "checkpoint"``).
+    Returns (mean, (lo, hi)) with the trailing shape of ``values[0, 0]``; NaNs are ignored.
+    """
+    x = np.asarray(values, dtype=float)
+    if x.ndim < 2:
+        raise ValueError(f"values must be [seeds, images, ...], got shape {x.shape}")
+    S, n = x.shape[:2]
+    rng = np.random.default_rng(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        point = np.nanmean(np.nanmean(x, axis=1), axis=0)  # mean of per-seed means: seeds weigh equally
+        means = np.empty((n_boot, *x.shape[2:]))
+        for b in range(n_boot):  # a loop keeps memory at S·n per resample, whatever n_boot
+            s_idx = rng.integers(0, S, size=S)
+            i_idx = rng.integers(0, n, size=n)
+            means[b] = np.nanmean(np.nanmean(x[s_idx][:, i_idx], axis=1), axis=0)
+        lo, hi = np.nanpercentile(means, [100 * alpha / 2, 100 * (1 - alpha / 2)], axis=0)
+    if x.ndim == 2:
+        return float(point), (float(lo), float(hi))
+    return point, (lo, hi)
+
+
+def seed_bootstrap_ci(values, n_boot: int = N_BOOT, alpha: float = ALPHA, seed: int = 0):
+    """Mean of one number per seed (e.g. a probe accuracy) with a bootstrap interval over seeds."""
+    x = np.asarray(values, dtype=float)
+    return bootstrap_ci(x, n_boot=n_boot, alpha=alpha, seed=seed)

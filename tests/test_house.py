@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -202,8 +203,11 @@ def test_the_same_machinery_parses_every_subcommand():
 
 
 def test_presets_ship_inside_the_package_and_a_non_editable_install_finds_them(tmp_path):
-    dist, target = tmp_path / "dist", tmp_path / "site"
-    r = subprocess.run([PY, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT)],
+    dist, target, src = tmp_path / "dist", tmp_path / "site", tmp_path / "src"
+    # build from a copy: setuptools writes build/ and *.egg-info into the tree it builds
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".git", "*.egg-info", "build", "runs", "reports",
+                                                             "studies", "__pycache__", ".pytest_cache"))
+    r = subprocess.run([PY, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     wheel = next(dist.glob("rmae-*.whl"))

@@ -114,4 +114,11 @@ def test_bootstrap_and_wilson_intervals():
     assert wilson_ci(0, 10)[1][0] == pytest.approx(0.0) and wilson_ci(10, 10)[1][1] == pytest.approx(1.0)
     p, (lo, hi) = wilson_ci(50, 100)
     assert p == 0.5 and lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    # any alpha, not only three tabulated ones: z(0.2) = 1.2816, z(0.5) = 0.6745 (normal quantiles)
+    for alpha, z in ((0.2, 1.2815515655446004), (0.5, 0.6744897501960817), (0.05, 1.959963984540054)):
+        p, (lo, hi) = wilson_ci(30, 100, alpha=alpha)
+        centre = (0.3 + z * z / 200) / (1 + z * z / 100)
+        half = z * (0.3 * 0.7 / 100 + z * z / 40000) ** 0.5 / (1 + z * z / 100)
+        assert (lo, hi) == (pytest.approx(centre - half, abs=1e-12), pytest.approx(centre + half, abs=1e-12)), alpha
+    assert wilson_ci(30, 100, alpha=0.2)[1][1] - wilson_ci(30, 100, alpha=0.2)[1][0] < hi - lo  # narrower at 80 %
 

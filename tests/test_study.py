@@ -1,0 +1,120 @@
+"""`rmae study`: configurations × seeds, resumable, analysed alike, reported across seeds."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from analysis.results import Estimate, Results
+from analysis.stats import nested_bootstrap_ci
+from analysis.study import configurations, parse_grid, plan
+from analysis.study.report import PAPER_CLAIMS, claim_status
+from conftest import IMG, PY, subprocess_env
+
+TINY = [f"img_size={IMG}", "depth=2", "decoder_depth=1", "data=scenes:train:32", "batch_size=16", "steps=2",
+        "checkpoint_every=2", "log_every=1"]
+
+
+def test_grid_makes_the_product_of_axes_without_duplicate_mae_configurations(tmp_path):
+    grid = parse_grid(["num_regions=1,8", "region_source=fh,gt", "mask_ratio=0.5,0.75"])
+    assert grid == {"num_regions": [1, 8], "region_source": ["fh", "gt"], "mask_ratio": [0.5, 0.75]}
+    configs = configurations(["mae", "rmae"], grid)
+    labels = [c.label for c in configs]
+    # rmae: 2 × 2 × 2; mae ignores the region axes: only mask_ratio makes configurations
+    assert labels[:2] == ["mae-mask_ratio=0.5", "mae-mask_ratio=0.75"] and len(labels) == 2 + 8
+    assert "rmae-num_regions=8-region_source=gt-mask_ratio=0.5" in labels
+    runs = plan(tmp_path, ["mae", "rmae"], grid, seeds=3)
+    assert len(runs) == 30 and len({r.folder for r in runs}) == 30
+    assert runs[0].folder == tmp_path / "runs" / "mae-mask_ratio=0.5-s0"
+    for bad in (["num_regions"], ["num_regions="], ["k=1,1"]):
+        with pytest.raises(Exception, match="num_regions|value|repeated"):
+            parse_grid(bad)
+
+
+def test_nested_bootstrap_carries_the_spread_between_seeds():
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 1, size=200)
+    close = np.stack([images + 0.01 * s for s in range(3)])  # seeds agree: interval ≈ the images' one
+    far = np.stack([images + 2.0 * s for s in range(3)])  # seeds disagree: interval must widen
+    m1, (lo1, hi1) = nested_bootstrap_ci(close)
+    m2, (lo2, hi2) = nested_bootstrap_ci(far)
+    assert m1 == pytest.approx(images.mean() + 0.01) and m2 == pytest.approx(images.mean() + 2.0)
+    assert hi2 - lo2 > 5 * (hi1 - lo1)
+    assert lo2 <= images.mean() + 0.5 and hi2 >= images.mean() + 3.5  # spans the seeds' own means
+    per_layer, (lo, hi) = nested_bootstrap_ci(np.stack([close, close + 1], axis=-1))
+    assert per_layer.shape == (2,) and per_layer[1] - per_layer[0] == pytest.approx(1.0)
+
+
+def _study(tmp_path, *extra, timeout=900):
+    cmd = [PY, "-m", "rmae", "study", "--config", "demo", "--out", str(tmp_path / "s"), "--seeds", "2",
+           "--families", "mae,rmae", "--no-progress", "eval_data=scenes:val:8", "probes=linear", "clicks=1",
+           "probe_train=scenes:train:32", "controls=false", *TINY, *extra]
+    return subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_tiny_study_gives_per_seed_values_across_seed_intervals_and_resumes(tmp_path):
+    r = _study(tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    res = Results.load(tmp_path / "s" / "results.json")
+    assert res.run_names("configuration") == ["mae", "rmae"] and res.reference == "mae"
+    for label in ("mae", "rmae"):
+        m = res.runs[label].metrics
+        for key in ("attention_distance", "instance_mass", "linear_probe"):
+            e = m[key]
+            assert e.extra["n_seeds"] == 2 and len(e.extra["per_seed"]) == 2 and e.extra["scope"] == "method"
+            assert e.value == pytest.approx(np.mean(e.extra["per_seed"]), abs=1e-9)
+            assert e.ci[0] <= e.value <= e.ci[1]
+    assert m["interactive_iou"].extra["n_seeds"] == 2  # rmae has a region decoder
+    d = res.differences["rmae − mae"]["attention_distance"]
+    assert d.extra["scope"] == "method" and d.extra["seeds"] == [0, 1]
+    per_seed = [b - a for a, b in zip(res.runs["mae"].metrics["attention_distance"].extra["per_seed"],
+                                      res.runs["rmae"].metrics["attention_distance"].extra["per_seed"])]
+    assert d.extra["per_seed"] == pytest.approx(per_seed, abs=1e-9)
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "## rmae − mae (seed-paired)" in report and "The paper's claims" in report
+    # the same command again: nothing retrains (weights untouched), analyses kept
+    weights = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").glob("*/checkpoints/*.safetensors")}
+    assert len(weights) == 4
+    r = _study(tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights
+    assert not list((tmp_path / "s" / "logs").glob("train-*.log")) or all(
+        "already complete" in p.read_text() or p.stat().st_mtime_ns < min(weights.values()) for p in
+        (tmp_path / "s" / "logs").glob("train-*.log"))
+
+
+def test_a_killed_study_resumes_without_retraining_finished_runs(tmp_path):
+    # train seed 0 only, then ask for two seeds: seed 0's runs are skipped, seed 1's trained
+    r = _study(tmp_path, "seeds=1", "analyze=false")
+    assert r.returncode == 0, r.stderr
+    first = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").glob("*-s0/checkpoints/*.safetensors")}
+    assert len(first) == 2
+    r = _study(tmp_path)  # --seeds 2 again (the _study default)
+    assert r.returncode == 0, r.stderr
+    assert {p: p.stat().st_mtime_ns for p in first} == first
+    assert len(list((tmp_path / "s" / "runs").glob("*-s1/checkpoints/*.safetensors"))) == 2
+    # a study folder holding another study is refused
+    r = _study(tmp_path, "--grid", "mask_ratio=0.5,0.75")
+    assert r.returncode == 2 and "holds a study with other grid" in r.stderr
+
+
+def test_claims_are_only_decided_at_method_scope():
+    res = Results(reference="mae")
+    from analysis.results import RunResult
+
+    for label, fam in (("mae", "mae"), ("rmae", "rmae")):
+        res.runs[label] = RunResult(label, family=fam, role="configuration", config={"family": fam})
+    claim = next(c for c in PAPER_CLAIMS if c.metric == "attention_distance")  # mae − rmae > 0
+    res.differences["rmae − mae"] = {"attention_distance": Estimate(-2.0, (-3.0, -1.0), extra={"scope": "method"})}
+    assert claim_status(res, claim)[0] == "reproduced"
+    res.differences["rmae − mae"] = {"attention_distance": Estimate(2.0, (1.0, 3.0), extra={"scope": "method"})}
+    assert claim_status(res, claim)[0].startswith("not reproduced")
+    res.differences["rmae − mae"] = {"attention_distance": Estimate(-2.0, (-3.0, 1.0), extra={"scope": "method"})}
+    assert claim_status(res, claim)[0] == "undecided at this budget"
+    res.differences["rmae − mae"] = {"attention_distance": Estimate(-2.0, (-3.0, -1.0), extra={"scope": "checkpoint"})}
+    assert claim_status(res, claim)[0] == "undecided"
+    rae = next(c for c in PAPER_CLAIMS if c.metric == "dense_miou")
+    assert claim_status(res, rae)[0] == "not measured"
