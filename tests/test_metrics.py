@@ -1,4 +1,5 @@
-"""analysis.metrics against hand-built cases with known answers, plus a real tiny model."""
+"""analysis.metrics against hand-built cases with known answers (including several prefix tokens),
+plus real tiny models: ours, a timm ViT with registers, and our model exported to timm."""
 
 from __future__ import annotations
 
@@ -6,12 +7,23 @@ import itertools
 import math
 
 import pytest
+import timm
 import torch
+from safetensors.torch import load_file
 
 import rmae
+from analysis import encoder
 from analysis import metrics as M
+from analysis.groundtruth import boxes_from_instances, patch_ownership
+from analysis.metrics.discovery import _seed_component
+from conftest import IMG, tiny_model, tiny_timm_vit
 
 P = 8  # patch size used by the hand-built cases
+
+
+@pytest.fixture(scope="module")
+def vit_registers():
+    return tiny_timm_vit(reg_tokens=4)
 
 
 def _with_cls(patch_rows: torch.Tensor, cls_mass: float = 0.3) -> torch.Tensor:
@@ -22,6 +34,21 @@ def _with_cls(patch_rows: torch.Tensor, cls_mass: float = 0.3) -> torch.Tensor:
     a[..., 0] = cls_mass
     a[..., 1:, 1:] = (1 - cls_mass) * patch_rows.double()
     a[:, :, 0, 1:] = (1 - cls_mass) / L  # cls query: uniform over patches
+    return a
+
+
+def _with_register(one_prefix: torch.Tensor, register_mass: float = 0.4) -> torch.Tensor:
+    """``[B, h, 1+L, 1+L]`` (cls first) → ``[B, h, 2+L, 2+L]`` with a register token at index 1
+    (a DINOv2 register or DeiT's distillation token): every row moves ``register_mass`` of its
+    weight onto the register key, and the register's own row is a one-hot on the last patch (if a
+    metric read it as a query, or kept its key, the answer would change)."""
+    B, h, N, _ = one_prefix.shape
+    a = torch.zeros(B, h, N + 1, N + 1, dtype=torch.float64)
+    rows = [0, *range(2, N + 1)]  # cls and the patches keep their order around the register
+    a[:, :, rows, 0] = (1 - register_mass) * one_prefix[..., 0].double()
+    a[:, :, rows, 1] = register_mass
+    a[:, :, rows, 2:] = (1 - register_mass) * one_prefix[..., 1:].double()
+    a[:, :, 1, -1] = 1.0
     return a
 
 
@@ -156,26 +183,27 @@ def _two_instances() -> torch.Tensor:
 
 
 def _owner_grid() -> torch.Tensor:
-    owner, _ = M.patch_ownership(_two_instances(), 4)
+    owner, _ = patch_ownership(_two_instances(), 4)
     return owner[0].reshape(-1)
 
 
 def test_patch_ownership_majority_purity_and_ties():
+    """The ownership instance-awareness counts with (analysis.groundtruth)."""
     inst = _two_instances()
-    owner, purity = M.patch_ownership(inst, 4)
+    owner, purity = patch_ownership(inst, 4)
     assert owner.shape == (1, 4, 4)
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]])
     assert torch.equal(owner[0], expected)
     assert purity[0, 2, 2].item() == pytest.approx(12 / 16) and purity[0, 0, 0] == 1
     tie = torch.zeros(4, 4, dtype=torch.long)
     tie[:2] = 7  # half the pixels: background (lower id) wins the tie
-    o, p = M.patch_ownership(tie, 4)
+    o, p = patch_ownership(tie, 4)
     assert o.item() == 0 and p.item() == 0.5
     three = torch.tensor([[3, 3, 5, 5], [3, 3, 5, 0], [0, 0, 0, 0], [5, 5, 9, 9]])
-    o, p = M.patch_ownership(three, 4)  # 5 has 5 px, 0 has 5 px, 3 has 4 → tie 0/5 → 0
+    o, p = patch_ownership(three, 4)  # 5 has 5 px, 0 has 5 px, 3 has 4 → tie 0/5 → 0
     assert o.item() == 0
     sparse = torch.full((1, 8, 8), 100_000, dtype=torch.long)  # sparse large ids are fine
-    assert M.patch_ownership(sparse, 4)[0].unique().item() == 100_000
+    assert patch_ownership(sparse, 4)[0].unique().item() == 100_000
 
 
 def test_attention_on_own_instance_gives_mass_one_leak_zero_jaccard_one():
@@ -261,6 +289,43 @@ def test_cls_jaccard():
 
 
 # ------------------------------------------------------------------------------------------
+# more than one prefix token
+
+
+def test_a_register_token_is_left_out_like_cls():
+    """cls + one register (or DeiT's distillation token) in front of the patches: with
+    ``num_prefix=2`` every metric reads the same patch block, and the same cls row, as the
+    one-prefix map the two-prefix map was built from (its register key and row are ignored)."""
+    torch.manual_seed(7)
+    inst = _two_instances().expand(2, -1, -1)  # 16 × 16 px, 4-px patches: a 4 × 4 grid
+    L = 16
+    one = _with_cls(torch.softmax(torch.randn(2, 3, L, L, dtype=torch.float64) * 2, -1))
+    fg = (_owner_grid() > 0).double()
+    one[:, :, 0, 1:] = 0.7 * fg / fg.sum()  # cls attends exactly the objects
+    two = _with_register(one)
+    assert two.shape[-1] == 2 + L and torch.allclose(two.sum(-1), torch.ones(2, 3, 2 + L, dtype=torch.float64))
+
+    torch.testing.assert_close(M.mean_attention_distance(two, (4, 4), 4, num_prefix=2),
+                               M.mean_attention_distance(one, (4, 4), 4))
+    torch.testing.assert_close(M.attention_entropy(two, num_prefix=2), M.attention_entropy(one))
+    torch.testing.assert_close(M.attention_nmi(two, num_prefix=2), M.attention_nmi(one))
+    a, b = M.instance_awareness(two, inst, 4, heads="each", num_prefix=2), M.instance_awareness(one, inst, 4, heads="each")
+    for key, value in a.as_dict().items():
+        torch.testing.assert_close(value, b.as_dict()[key], msg=key)
+    fg_pixels = inst > 0
+    j = M.cls_jaccard(two, fg_pixels, 4, mass=1.0, num_prefix=2)
+    torch.testing.assert_close(j, torch.ones(2, dtype=torch.float64))  # the register's row is one patch: J = 1/8
+    torch.testing.assert_close(j, M.cls_jaccard(one, fg_pixels, 4, mass=1.0))
+
+    # the register read as a patch: the grid does not fit, or the numbers move
+    with pytest.raises(ValueError, match="1 prefix . 17 patches"):
+        M.mean_attention_distance(two, (4, 4), 4, num_prefix=1)
+    assert not torch.allclose(M.attention_entropy(two), M.attention_entropy(one))
+    with pytest.raises(ValueError, match="cls token"):
+        M.cls_jaccard(one[..., 1:, 1:], fg_pixels, 4, num_prefix=0)
+
+
+# ------------------------------------------------------------------------------------------
 # CKA
 
 
@@ -303,15 +368,43 @@ def test_streaming_cka_equals_one_shot():
 
 
 def test_layer_cka_between_real_models():
-    torch.manual_seed(0)
-    mae = rmae.create_model("mae_vit_tiny_patch8", img_size=32, depth=2)
-    rm = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=3)
-    images = [torch.randn(3, 3, 32, 32) for _ in range(2)]
+    mae = tiny_model("mae_vit_tiny_patch8").train()
+    rm = tiny_model("rmae_vit_tiny_patch8", depth=3)
+    images = [torch.randn(3, 3, IMG, IMG) for _ in range(2)]
     same = M.layer_cka(mae, mae, images, tokens="patch")
     torch.testing.assert_close(torch.diagonal(same), torch.ones(2, dtype=torch.float64))
     cross = M.layer_cka(mae, rm, images, tokens="mean")
     assert cross.shape == (2, 3) and ((cross >= 0) & (cross <= 1 + 1e-9)).all()
-    assert mae.training  # mode restored
+    assert mae.training and not rm.training  # modes restored
+    assert M.layer_cka(mae, rm, images, tokens="mean", max_batches=1).shape == (2, 3)
+    with pytest.raises(ValueError, match="tokens must be"):
+        M.layer_cka(mae, rm, images, tokens="all")
+
+
+def _hooked_block_outputs(model, images: torch.Tensor) -> list[torch.Tensor]:
+    """Independent reference: every block's raw output (no final norm), by forward hooks."""
+    outs: list[torch.Tensor] = []
+    handles = [blk.register_forward_hook(lambda _m, _i, o: outs.append(o)) for blk in model.blocks]
+    with torch.no_grad():
+        model.forward_features(images)
+    for h in handles:
+        h.remove()
+    return outs
+
+
+@pytest.mark.parametrize("tokens", ["patch", "cls", "mean"])
+def test_layer_cka_respects_every_models_prefix_tokens(tokens, vit_registers):
+    """Ours (cls) against a timm ViT with cls + 4 registers: patch examples and mean pooling must
+    leave out the 5 prefix tokens of the one and the single cls token of the other."""
+    ours = tiny_model()
+    images = [torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    pick = {"patch": lambda x, P: x[:, P:].reshape(-1, x.shape[-1]), "cls": lambda x, P: x[:, 0],
+            "mean": lambda x, P: x[:, P:].mean(1)}[tokens]
+    acc = M.StreamingCKA()
+    for x in images:
+        acc.update([pick(o, 1) for o in _hooked_block_outputs(ours, x)],
+                   [pick(o, 5) for o in _hooked_block_outputs(vit_registers, x)])
+    torch.testing.assert_close(M.layer_cka(ours, vit_registers, images, tokens=tokens), acc.compute())
 
 
 # ------------------------------------------------------------------------------------------
@@ -338,9 +431,9 @@ def test_tokencut_finds_planted_object():
 
 def test_seed_component_is_4_connected():
     mask = torch.tensor([[[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0]]], dtype=torch.bool)
-    comp = M._seed_component(mask, torch.tensor([0]))
+    comp = _seed_component(mask, torch.tensor([0]))
     assert comp[0].nonzero().tolist() == [[0, 0], [0, 1], [1, 1]]  # the diagonal (2, 2) is not joined
-    comp = M._seed_component(mask, torch.tensor([10]))
+    comp = _seed_component(mask, torch.tensor([10]))
     assert comp[0].nonzero().tolist() == [[2, 2], [2, 3], [3, 2]]
 
 
@@ -355,63 +448,102 @@ def test_box_iou_and_corloc():
     assert M.corloc(pred[:1], [b[:1]], threshold=0.5).item() == 0.0  # IoU 1/3 < 0.5
 
 
-def test_last_layer_keys_reproduce_attention_of_our_model():
-    torch.manual_seed(5)
-    model = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=2).eval()
-    images = torch.randn(2, 3, 32, 32)
-    keys = M.last_layer_keys(model, images, drop_prefix=False)
-    assert keys.shape == (2, 17, 192) and M.last_layer_keys(model, images).shape == (2, 16, 192)
-    captured = []
-    h = model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, o: captured.append(o))
+def _hooked_last_keys(model, images: torch.Tensor, k_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Independent reference: (queries, keys) ``[B, heads, N, head_dim]`` of the last layer from
+    its ``qkv`` output in timm's own layout, keys through ``k_norm`` (when asked)."""
+    attn = model.blocks[-1].attn
+    seen = []
+    h = attn.qkv.register_forward_hook(lambda _m, _i, o: seen.append(o))
     with torch.no_grad():
-        _, attn = model.forward_features(images, return_attention=True)
+        model.forward_features(images)
     h.remove()
-    heads = model.blocks[-1].attn.num_heads
-    q = captured[0].reshape(2, 17, 3, heads, -1)[:, :, 0].transpose(1, 2)
-    k = keys.reshape(2, 17, heads, -1).transpose(1, 2)  # heads concatenated in head order
+    B, N, _ = seen[0].shape
+    qkv = seen[0].reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    k = qkv[1]
+    if k_norm and hasattr(attn, "k_norm"):
+        k = attn.k_norm(k)
+    return qkv[0], k
+
+
+def _concat_heads(k: torch.Tensor) -> torch.Tensor:
+    B, h, N, d = k.shape
+    return k.transpose(1, 2).reshape(B, N, h * d)
+
+
+def test_recorded_keys_reproduce_attention_of_our_model():
+    """The keys TokenCut reads (analysis.encoder, heads concatenated in head order) are the ones
+    the last layer's attention uses."""
+    model = tiny_model(seed=5)
+    images = torch.randn(2, 3, IMG, IMG)
+    _, rec = encoder.attention_pass(model, images, layers=[-1], keys=True)
+    keys = rec.keys[0]
+    assert keys.shape == (2, 17, 192)
+    q, _ = _hooked_last_keys(model, images)
+    k = keys.reshape(2, 17, model.blocks[-1].attn.num_heads, -1).transpose(1, 2)
     recomputed = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(-1)
-    torch.testing.assert_close(recomputed, attn[-1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(recomputed, rec.weights[0], rtol=1e-4, atol=1e-6)
 
 
-def test_last_layer_keys_timm_with_k_norm():
-    timm = pytest.importorskip("timm")
+def _assert_same_cut(a: M.TokenCut, b: M.TokenCut) -> None:
+    torch.testing.assert_close(a.boxes, b.boxes)
+    assert torch.equal(a.masks, b.masks) and torch.equal(a.seeds, b.seeds)
+    torch.testing.assert_close(a.eigenvectors, b.eigenvectors)
+
+
+def test_discover_objects_uses_the_last_layers_patch_keys_of_our_model():
+    model = tiny_model(seed=5)
+    images = torch.randn(2, 3, IMG, IMG)
+    _, k = _hooked_last_keys(model, images)
+    _assert_same_cut(M.discover_objects(model, images), M.tokencut(_concat_heads(k)[:, 1:], (4, 4), 8))
+
+
+def test_discover_objects_timm_with_k_norm():
     torch.manual_seed(6)
     vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, qk_norm=True, num_classes=0).eval()
-    images = torch.randn(2, 3, 32, 32)
-    inputs = []
-    h = vit.blocks[-1].attn.register_forward_hook(lambda _m, i, _o: inputs.append(i[0]))
-    keys = M.last_layer_keys(vit, images)
-    h.remove()
-    attn = vit.blocks[-1].attn
-    x = inputs[0]
-    qkv = attn.qkv(x).reshape(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)  # timm's own layout
-    k = attn.k_norm(qkv[1]).transpose(1, 2).reshape(2, 17, 48)
-    torch.testing.assert_close(keys, k[:, 1:])
-    assert not torch.allclose(keys, qkv[1].transpose(1, 2).reshape(2, 17, 48)[:, 1:])  # k_norm matters
-    assert M.discover_objects(vit, images).boxes.shape == (2, 4)
+        img_size=IMG, patch_size=8, embed_dim=48, depth=2, num_heads=3, qk_norm=True, num_classes=0).eval()
+    images = torch.randn(2, 3, IMG, IMG)
+    _, k = _hooked_last_keys(vit, images)
+    found = M.discover_objects(vit, images)
+    _assert_same_cut(found, M.tokencut(_concat_heads(k)[:, 1:], (4, 4), 8))
+    _, raw = _hooked_last_keys(vit, images, k_norm=False)
+    without = M.tokencut(_concat_heads(raw)[:, 1:], (4, 4), 8)
+    assert not torch.allclose(found.eigenvectors.abs(), without.eigenvectors.abs(), atol=1e-3)  # k_norm matters
+
+
+def test_discover_objects_drops_registers(vit_registers):
+    """cls + 4 registers: the cut runs on the 16 patch keys only (tokens 5…20)."""
+    images = torch.randn(2, 3, IMG, IMG)
+    _, k = _hooked_last_keys(vit_registers, images)
+    keys = _concat_heads(k)
+    assert keys.shape[1] == 5 + 16
+    found = M.discover_objects(vit_registers, images)
+    assert found.masks.shape == (2, 4, 4)
+    _assert_same_cut(found, M.tokencut(keys[:, 5:], (4, 4), 8))
 
 
 # ------------------------------------------------------------------------------------------
 # real tiny model on a scenes batch: every metric, shapes and ranges
 
 
-def test_every_metric_on_real_model_and_scenes():
+def _scenes(n: int = 6):
     from rmae.data import RegionDataset, build_dataset, collate_regions
 
-    base = build_dataset("scenes:val:64", image_size=32)
-    ds = RegionDataset(base, source=None, cache=None, image_size=32, train=False, crop_pct=1.0)
-    batch = collate_regions([ds[i] for i in range(6)])
+    base = build_dataset("scenes:val:64", image_size=IMG)
+    ds = RegionDataset(base, source=None, cache=None, image_size=IMG, train=False, crop_pct=1.0)
+    return base, collate_regions([ds[i] for i in range(n)])
+
+
+def test_every_metric_on_real_model_and_scenes():
+    base, batch = _scenes()
     images, inst = batch["images"], batch["instances"]
-    torch.manual_seed(0)
-    model = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=2).eval()
-    grid, p = model.patch_embed.grid_size, model.config.patch_size
-    with torch.no_grad():
-        _, attn = model.forward_features(images, return_attention=True)
+    model = tiny_model()
+    grid, p = encoder.grid_size(model), encoder.patch_size(model)
+    _, rec = encoder.attention_pass(model, images)
+    attn = rec.weights
     B, depth, heads, L = 6, 2, model.blocks[0].attn.num_heads, grid[0] * grid[1]
 
     dist = M.mean_attention_distance(attn, grid, p)
-    max_d = math.dist((p / 2, p / 2), (32 - p / 2, 32 - p / 2))
+    max_d = math.dist((p / 2, p / 2), (IMG - p / 2, IMG - p / 2))
     assert dist.shape == (B, depth, heads) and ((dist > 0) & (dist < max_d)).all()
     ent = M.attention_entropy(attn)
     assert ent.shape == (B, depth, heads) and ((ent >= 0) & (ent <= math.log(L) + 1e-9)).all()
@@ -427,15 +559,67 @@ def test_every_metric_on_real_model_and_scenes():
     assert cj.shape == (B,) and ((cj >= 0) & (cj <= 1)).all()
 
     # ground-truth boxes from the cropped instance maps equal the dataset's own boxes (crop 1.0)
-    gt = M.boxes_from_instances(inst)
+    gt = boxes_from_instances(inst)
     for i in range(B):
         raw = base.load(i)
         present = torch.as_tensor(sorted(set(raw["instances"].ravel().tolist()) - {0}))
         torch.testing.assert_close(gt[i], torch.as_tensor(raw["boxes"], dtype=torch.float64)[present - 1])
     found = M.discover_objects(model, images)
     assert found.boxes.shape == (B, 4) and found.masks.shape == (B, *grid)
-    assert ((found.boxes >= 0) & (found.boxes <= 32)).all()
+    assert ((found.boxes >= 0) & (found.boxes <= IMG)).all()
     assert (found.boxes[:, 2:] > found.boxes[:, :2]).all()
     hits = M.corloc(found.boxes, gt)
     assert set(hits.tolist()) <= {0.0, 1.0}
     assert found.masks.reshape(B, -1).gather(1, found.seeds[:, None]).all()  # seed inside its component
+
+
+def _all_metrics(model, images: torch.Tensor, inst: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every metric of this package for one model, computed the way an analysis does: through
+    analysis.encoder, with the model's own grid, patch size and prefix count."""
+    grid, p, P = encoder.grid_size(model), encoder.patch_size(model), encoder.num_prefix_tokens(model)
+    _, rec = encoder.attention_pass(model, images)
+    attn = rec.weights
+    ia = M.instance_awareness(attn, inst, p, heads="each", num_prefix=P)
+    found = M.discover_objects(model, images)
+    return {"distance": M.mean_attention_distance(attn, grid, p, num_prefix=P),
+            "entropy": M.attention_entropy(attn, num_prefix=P), "nmi": M.attention_nmi(attn, num_prefix=P),
+            **ia.as_dict(), "cls_jaccard": M.cls_jaccard(attn, inst, p, heads="each", num_prefix=P),
+            "boxes": found.boxes, "eigenvectors": found.eigenvectors, "corloc": M.corloc(found.boxes, boxes_from_instances(inst))}
+
+
+def test_same_metrics_for_our_model_and_its_timm_export(tmp_path):
+    """Analysis results for a timm ViT and for our model with the same weights are equal."""
+    ours = tiny_model()
+    name, kwargs = rmae.export_timm(ours, tmp_path / "enc.safetensors")
+    vit = timm.create_model(name, **kwargs).eval()
+    vit.load_state_dict(load_file(tmp_path / "enc.safetensors"), strict=True)
+    _, batch = _scenes()
+    images, inst = batch["images"], batch["instances"]
+    a, b = _all_metrics(ours, images, inst), _all_metrics(vit, images, inst)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, equal_nan=True, msg=key)
+    batches = [images[:3], images[3:]]
+    for tokens in ("patch", "cls", "mean"):
+        cross = M.layer_cka(ours, vit, batches, tokens=tokens)
+        torch.testing.assert_close(torch.diagonal(cross), torch.ones(2, dtype=torch.float64), msg=tokens)
+        torch.testing.assert_close(cross, M.layer_cka(ours, ours, batches, tokens=tokens), msg=tokens)
+
+
+def test_metrics_follow_the_data_device():
+    """Run everything with the model and data on the CPU while new tensors default to the meta
+    device: a tensor made without naming its device would land on meta and fail the run."""
+    _, batch = _scenes(2)
+    images, inst = batch["images"], batch["instances"]
+    model, other = tiny_model(), tiny_model("mae_vit_tiny_patch8", seed=1)
+    expected = _all_metrics(model, images, inst)
+    torch.set_default_device("meta")
+    try:
+        got = _all_metrics(model, images, inst)
+        cka = M.layer_cka(model, other, [images], tokens="mean")
+    finally:
+        torch.set_default_device(None)
+    for key in expected:
+        assert got[key].device.type == "cpu", key
+        torch.testing.assert_close(got[key], expected[key], equal_nan=True, msg=key)
+    assert cka.device.type == "cpu" and torch.isfinite(cka).all()
