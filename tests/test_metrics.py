@@ -1,5 +1,6 @@
-"""analysis.metrics against hand-built cases with known answers (including several prefix tokens),
-plus real tiny models: ours, a timm ViT with registers, and our model exported to timm."""
+"""analysis.metrics against hand-built cases with known answers (attention, DINO, instance-awareness;
+several prefix tokens), then every metric on real tiny models: ours, and ours exported to timm.
+CKA and object discovery: test_metrics_cka.py, test_metrics_discovery.py."""
 
 from __future__ import annotations
 
@@ -15,15 +16,9 @@ import rmae
 from analysis import encoder
 from analysis import metrics as M
 from analysis.groundtruth import boxes_from_instances, patch_ownership
-from analysis.metrics.discovery import _seed_component
-from conftest import IMG, tiny_model, tiny_timm_vit
+from conftest import IMG, tiny_model
 
 P = 8  # patch size used by the hand-built cases
-
-
-@pytest.fixture(scope="module")
-def vit_registers():
-    return tiny_timm_vit(reg_tokens=4)
 
 
 def _with_cls(patch_rows: torch.Tensor, cls_mass: float = 0.3) -> torch.Tensor:
@@ -323,202 +318,6 @@ def test_a_register_token_is_left_out_like_cls():
     assert not torch.allclose(M.attention_entropy(two), M.attention_entropy(one))
     with pytest.raises(ValueError, match="cls token"):
         M.cls_jaccard(one[..., 1:, 1:], fg_pixels, 4, num_prefix=0)
-
-
-# ------------------------------------------------------------------------------------------
-# CKA
-
-
-def _gram_cka(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """Independent reference: HSIC with centred Gram matrices (Kornblith et al. Eq. 3)."""
-    n = X.shape[0]
-    H = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    K, Lm = X.double() @ X.double().T, Y.double() @ Y.double().T
-    hsic = lambda A, B: torch.trace(A @ H @ B @ H)  # noqa: E731
-    return hsic(K, Lm) / torch.sqrt(hsic(K, K) * hsic(Lm, Lm))
-
-
-def test_linear_cka_properties():
-    torch.manual_seed(2)
-    X = torch.randn(60, 10)
-    Y = X @ torch.randn(10, 7) + 0.5 * torch.randn(60, 7)
-    assert M.linear_cka(X, X).item() == pytest.approx(1.0, abs=1e-12)
-    Q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
-    base = M.linear_cka(X, Y)
-    assert M.linear_cka(X.double() @ Q * 3.7, Y).item() == pytest.approx(base.item(), abs=1e-12)
-    assert M.linear_cka(X, Y.double() * 0.01 + 5).item() == pytest.approx(base.item(), abs=1e-12)
-    torch.testing.assert_close(base, _gram_cka(X, Y))
-    assert 0 < base < 1
-    # not invariant to a non-orthogonal, non-isotropic map
-    assert abs(M.linear_cka(X * torch.linspace(0.1, 10, 10), Y) - base) > 1e-3
-
-
-def test_streaming_cka_equals_one_shot():
-    torch.manual_seed(3)
-    n = 90
-    A = [torch.randn(n, 6, dtype=torch.float64) + 1e7, torch.randn(n, 5)]  # large mean: needs the shift
-    B = [A[0] @ torch.randn(6, 4, dtype=torch.float64) + torch.randn(n, 4), torch.randn(n, 3), A[1][:, :2] ** 2]
-    acc = M.StreamingCKA()
-    for s in (slice(0, 7), slice(7, 50), slice(50, n)):
-        acc.update([a[s] for a in A], [b[s] for b in B])
-    out = acc.compute()
-    assert out.shape == (2, 3) and acc.n == n
-    expected = torch.tensor([[M.linear_cka(a, b).item() for b in B] for a in A], dtype=torch.float64)
-    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
-
-
-def test_layer_cka_between_real_models():
-    mae = tiny_model("mae_vit_tiny_patch8").train()
-    rm = tiny_model("rmae_vit_tiny_patch8", depth=3)
-    images = [torch.randn(3, 3, IMG, IMG) for _ in range(2)]
-    same = M.layer_cka(mae, mae, images, tokens="patch")
-    torch.testing.assert_close(torch.diagonal(same), torch.ones(2, dtype=torch.float64))
-    cross = M.layer_cka(mae, rm, images, tokens="mean")
-    assert cross.shape == (2, 3) and ((cross >= 0) & (cross <= 1 + 1e-9)).all()
-    assert mae.training and not rm.training  # modes restored
-    assert M.layer_cka(mae, rm, images, tokens="mean", max_batches=1).shape == (2, 3)
-    with pytest.raises(ValueError, match="tokens must be"):
-        M.layer_cka(mae, rm, images, tokens="all")
-
-
-def _hooked_block_outputs(model, images: torch.Tensor) -> list[torch.Tensor]:
-    """Independent reference: every block's raw output (no final norm), by forward hooks."""
-    outs: list[torch.Tensor] = []
-    handles = [blk.register_forward_hook(lambda _m, _i, o: outs.append(o)) for blk in model.blocks]
-    with torch.no_grad():
-        model.forward_features(images)
-    for h in handles:
-        h.remove()
-    return outs
-
-
-@pytest.mark.parametrize("tokens", ["patch", "cls", "mean"])
-def test_layer_cka_respects_every_models_prefix_tokens(tokens, vit_registers):
-    """Ours (cls) against a timm ViT with cls + 4 registers: patch examples and mean pooling must
-    leave out the 5 prefix tokens of the one and the single cls token of the other."""
-    ours = tiny_model()
-    images = [torch.randn(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    pick = {"patch": lambda x, P: x[:, P:].reshape(-1, x.shape[-1]), "cls": lambda x, P: x[:, 0],
-            "mean": lambda x, P: x[:, P:].mean(1)}[tokens]
-    acc = M.StreamingCKA()
-    for x in images:
-        acc.update([pick(o, 1) for o in _hooked_block_outputs(ours, x)],
-                   [pick(o, 5) for o in _hooked_block_outputs(vit_registers, x)])
-    torch.testing.assert_close(M.layer_cka(ours, vit_registers, images, tokens=tokens), acc.compute())
-
-
-# ------------------------------------------------------------------------------------------
-# TokenCut / CorLoc
-
-
-def test_tokencut_finds_planted_object():
-    torch.manual_seed(4)
-    gh, gw, D = 6, 8, 64
-    u, v = torch.randn(D), torch.randn(D)
-    keys = v + 0.1 * torch.randn(2, gh * gw, D)
-    grid = keys.view(2, gh, gw, D)
-    grid[0, 1:4, 2:6] = u + 0.1 * torch.randn(3, 4, D)  # planted object, rows 1-3, cols 2-5
-    grid[1, 3:6, 0:2] = u + 0.1 * torch.randn(3, 2, D)  # another, at the border
-    res = M.tokencut(keys, (gh, gw), P)
-    expected = torch.tensor([[2 * P, 1 * P, 6 * P, 4 * P], [0, 3 * P, 2 * P, 6 * P]], dtype=torch.float64)
-    torch.testing.assert_close(res.boxes, expected)
-    assert res.masks.shape == (2, gh, gw) and res.masks[0].sum() == 12
-    iou = torch.diagonal(M.box_iou(res.boxes, expected))
-    assert (iou > 0.99).all()
-    gt = [expected[0:1], torch.tensor([[0.0, 0.0, 8.0, 8.0], expected[1].tolist()])]
-    assert M.corloc(res.boxes, gt).tolist() == [1.0, 1.0]
-
-
-def test_seed_component_is_4_connected():
-    mask = torch.tensor([[[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0]]], dtype=torch.bool)
-    comp = _seed_component(mask, torch.tensor([0]))
-    assert comp[0].nonzero().tolist() == [[0, 0], [0, 1], [1, 1]]  # the diagonal (2, 2) is not joined
-    comp = _seed_component(mask, torch.tensor([10]))
-    assert comp[0].nonzero().tolist() == [[2, 2], [2, 3], [3, 2]]
-
-
-def test_box_iou_and_corloc():
-    a = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    b = torch.tensor([[5.0, 0.0, 15.0, 10.0], [0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
-    torch.testing.assert_close(M.box_iou(a, b), torch.tensor([[1 / 3, 1.0, 0.0]], dtype=torch.float64))
-    pred = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 1.0, 1.0]])
-    gt = [b[:1], b[2:], torch.zeros(0, 4)]
-    hits = M.corloc(pred, gt, threshold=0.3)
-    assert hits[:2].tolist() == [1.0, 0.0] and torch.isnan(hits[2])
-    assert M.corloc(pred[:1], [b[:1]], threshold=0.5).item() == 0.0  # IoU 1/3 < 0.5
-
-
-def _hooked_last_keys(model, images: torch.Tensor, k_norm: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Independent reference: (queries, keys) ``[B, heads, N, head_dim]`` of the last layer from
-    its ``qkv`` output in timm's own layout, keys through ``k_norm`` (when asked)."""
-    attn = model.blocks[-1].attn
-    seen = []
-    h = attn.qkv.register_forward_hook(lambda _m, _i, o: seen.append(o))
-    with torch.no_grad():
-        model.forward_features(images)
-    h.remove()
-    B, N, _ = seen[0].shape
-    qkv = seen[0].reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    k = qkv[1]
-    if k_norm and hasattr(attn, "k_norm"):
-        k = attn.k_norm(k)
-    return qkv[0], k
-
-
-def _concat_heads(k: torch.Tensor) -> torch.Tensor:
-    B, h, N, d = k.shape
-    return k.transpose(1, 2).reshape(B, N, h * d)
-
-
-def test_recorded_keys_reproduce_attention_of_our_model():
-    """The keys TokenCut reads (analysis.encoder, heads concatenated in head order) are the ones
-    the last layer's attention uses."""
-    model = tiny_model(seed=5)
-    images = torch.randn(2, 3, IMG, IMG)
-    _, rec = encoder.attention_pass(model, images, layers=[-1], keys=True)
-    keys = rec.keys[0]
-    assert keys.shape == (2, 17, 192)
-    q, _ = _hooked_last_keys(model, images)
-    k = keys.reshape(2, 17, model.blocks[-1].attn.num_heads, -1).transpose(1, 2)
-    recomputed = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(-1)
-    torch.testing.assert_close(recomputed, rec.weights[0], rtol=1e-4, atol=1e-6)
-
-
-def _assert_same_cut(a: M.TokenCut, b: M.TokenCut) -> None:
-    torch.testing.assert_close(a.boxes, b.boxes)
-    assert torch.equal(a.masks, b.masks) and torch.equal(a.seeds, b.seeds)
-    torch.testing.assert_close(a.eigenvectors, b.eigenvectors)
-
-
-def test_discover_objects_uses_the_last_layers_patch_keys_of_our_model():
-    model = tiny_model(seed=5)
-    images = torch.randn(2, 3, IMG, IMG)
-    _, k = _hooked_last_keys(model, images)
-    _assert_same_cut(M.discover_objects(model, images), M.tokencut(_concat_heads(k)[:, 1:], (4, 4), 8))
-
-
-def test_discover_objects_timm_with_k_norm():
-    torch.manual_seed(6)
-    vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=IMG, patch_size=8, embed_dim=48, depth=2, num_heads=3, qk_norm=True, num_classes=0).eval()
-    images = torch.randn(2, 3, IMG, IMG)
-    _, k = _hooked_last_keys(vit, images)
-    found = M.discover_objects(vit, images)
-    _assert_same_cut(found, M.tokencut(_concat_heads(k)[:, 1:], (4, 4), 8))
-    _, raw = _hooked_last_keys(vit, images, k_norm=False)
-    without = M.tokencut(_concat_heads(raw)[:, 1:], (4, 4), 8)
-    assert not torch.allclose(found.eigenvectors.abs(), without.eigenvectors.abs(), atol=1e-3)  # k_norm matters
-
-
-def test_discover_objects_drops_registers(vit_registers):
-    """cls + 4 registers: the cut runs on the 16 patch keys only (tokens 5…20)."""
-    images = torch.randn(2, 3, IMG, IMG)
-    _, k = _hooked_last_keys(vit_registers, images)
-    keys = _concat_heads(k)
-    assert keys.shape[1] == 5 + 16
-    found = M.discover_objects(vit_registers, images)
-    assert found.masks.shape == (2, 4, 4)
-    _assert_same_cut(found, M.tokencut(keys[:, 5:], (4, 4), 8))
 
 
 # ------------------------------------------------------------------------------------------
