@@ -1,9 +1,10 @@
-"""Pixel attributions for ViT encoders with captum: Integrated Gradients, patch-aligned Occlusion
-and Grad-CAM on the token grid.
+"""Pixel attributions for ViT encoders: Integrated Gradients and patch-aligned Occlusion (captum),
+and Grad-CAM on the token grid (through the encoder surface).
 
-Every method explains a **score function** ``model_fn(images [B, C, H, W]) → [B, K]`` (pick one
-column with ``target``) or ``[B]`` / ``[B, 1]`` (``target=None``). Pre-trained MAE / R-MAE
-encoders have no head, so two score modules are provided:
+IG and Occlusion explain a **score function** ``model_fn(images [B, C, H, W]) → [B, K]`` (pick
+one column with ``target``) or ``[B]`` / ``[B, 1]`` (``target=None``). Pre-trained MAE / R-MAE
+encoders have no head, so two score modules are provided; each also scores final-norm tokens
+directly (``score_tokens``), which is what Grad-CAM needs:
 
 - :class:`HeadLogits` — the logits of a probe / linear head on the pooled embedding
   (``target=int`` class);
@@ -27,8 +28,9 @@ from typing import Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from captum.attr import IntegratedGradients, LayerGradCam, Occlusion
+from captum.attr import IntegratedGradients, Occlusion
 
+from analysis.encoder import grid_size, model_device, normalize_layer, num_prefix_tokens, pool_tokens
 from rmae.data import IMAGENET_MEAN, IMAGENET_STD
 
 Tensor = torch.Tensor
@@ -44,7 +46,6 @@ __all__ = [
     "make_baseline",
     "occlusion",
     "patch_scores",
-    "pool_tokens",
 ]
 
 
@@ -55,23 +56,8 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return int(a), int(b)
 
 
-def _num_prefix(model: nn.Module) -> int:
-    # timm ViTs carry num_prefix_tokens (cls + registers); our encoders have exactly one cls token.
-    return int(getattr(model, "num_prefix_tokens", 1))
-
-
 # ------------------------------------------------------------------------------------------
 # score functions for headless encoders
-
-
-def pool_tokens(tokens: Tensor, pool: Pool = "cls", num_prefix: int = 1) -> Tensor:
-    """``[B, N, D]`` encoder tokens → ``[B, D]``: the cls token (index 0) or the mean of the patch
-    tokens (prefix tokens excluded, as MAE's global-pool fine-tuning does)."""
-    if pool == "cls":
-        return tokens[:, 0]
-    if pool == "mean":
-        return tokens[:, num_prefix:].mean(dim=1)
-    raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
 
 
 class HeadLogits(nn.Module):
@@ -79,7 +65,8 @@ class HeadLogits(nn.Module):
 
     ``model``: an encoder with ``forward_features`` (ours or timm); ``head``: any module mapping
     ``[B, D] → [B, K]`` (a linear probe, a BatchNorm + Linear probe, …). Output ``[B, K]``;
-    attribute class ``k`` with ``target=k``.
+    attribute class ``k`` with ``target=k``. Pooling: :func:`analysis.encoder.pool_tokens`
+    (``"mean"`` leaves out every prefix token — cls, registers).
     """
 
     def __init__(self, model: nn.Module, head: nn.Module, pool: Pool = "cls") -> None:
@@ -88,8 +75,12 @@ class HeadLogits(nn.Module):
         self.head = head
         self.pool = pool
 
+    def score_tokens(self, tokens: Tensor) -> Tensor:
+        """Final-norm tokens ``[B, N, D]`` → logits ``[B, K]``."""
+        return self.head(pool_tokens(tokens, self.pool, num_prefix_tokens(self.model)))
+
     def forward(self, images: Tensor) -> Tensor:
-        return self.head(pool_tokens(self.model.forward_features(images), self.pool, _num_prefix(self.model)))
+        return self.score_tokens(self.model.forward_features(images.to(model_device(self.model))))
 
 
 class EmbeddingSimilarity(nn.Module):
@@ -113,16 +104,20 @@ class EmbeddingSimilarity(nn.Module):
         self.pool = pool
         self.register_buffer("reference", reference.detach().clone())
 
-    def forward(self, images: Tensor) -> Tensor:
-        emb = pool_tokens(self.model.forward_features(images), self.pool, _num_prefix(self.model))
-        ref = self.reference
+    def score_tokens(self, tokens: Tensor) -> Tensor:
+        """Final-norm tokens ``[B, N, D]`` → similarities ``[B, 1]``."""
+        emb = pool_tokens(tokens, self.pool, num_prefix_tokens(self.model))
+        ref = self.reference.to(emb.device, emb.dtype)
         if ref.ndim == 2 and ref.shape[0] != emb.shape[0]:
             if emb.shape[0] % ref.shape[0]:
                 raise ValueError(f"reference has {ref.shape[0]} rows for a batch of {emb.shape[0]}")
             # captum evaluates IG steps / occlusion windows as [k·B] batches laid out as k copies of
             # the B images, so a per-image reference repeats the same way.
             ref = ref.repeat(emb.shape[0] // ref.shape[0], 1)
-        return F.cosine_similarity(emb, ref.to(emb.dtype).expand_as(emb), dim=-1).unsqueeze(-1)
+        return F.cosine_similarity(emb, ref.expand_as(emb), dim=-1).unsqueeze(-1)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.score_tokens(self.model.forward_features(images.to(model_device(self.model))))
 
 
 # ------------------------------------------------------------------------------------------
@@ -265,87 +260,79 @@ def patch_scores(attributions: Tensor, patch_size: int | Sequence[int], *, reduc
 # Grad-CAM on the token grid
 
 
-class _TokenGrid(nn.Module):
-    """Identity that presents patch tokens channel-first: ``[B, L, C] → [B, C, gh, gw]``.
-
-    captum's ``LayerGradCam`` averages gradients over all dims after the channel dim 1 and sums
-    ``weights · activations`` over dim 1 — correct for ``[B, C, h, w]`` CNN maps, wrong for ViT
-    tokens ``[B, N, C]`` (it would treat tokens as channels). This module is the layer captum
-    hooks; patch token ``i`` lands at ``(i // gw, i % gw)``.
-    """
-
-    def __init__(self, grid_hw: tuple[int, int]) -> None:
-        super().__init__()
-        self.grid_hw = grid_hw
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        B, L, C = tokens.shape
-        gh, gw = self.grid_hw
-        if L != gh * gw:
-            raise ValueError(f"{L} patch tokens do not fill the {gh}×{gw} grid")
-        return tokens.transpose(1, 2).reshape(B, C, gh, gw)
+def _select(scores: Tensor, target: Target) -> Tensor:
+    """One score per image ``[B]`` from ``[B]`` / ``[B, K]`` scores (captum's target convention)."""
+    B = scores.shape[0]
+    if target is None:
+        if scores[0].numel() != 1:
+            raise ValueError(f"the score has {scores[0].numel()} outputs per image: pass target=<index>")
+        return scores.reshape(B)
+    if isinstance(target, int):
+        return scores[:, target]
+    t = torch.as_tensor(target, device=scores.device).long().reshape(-1).expand(B)
+    return scores.gather(1, t[:, None])[:, 0]
 
 
-def _find_encoder(model_fn: Callable[[Tensor], Tensor]) -> nn.Module:
-    if isinstance(model_fn, nn.Module):
-        for m in model_fn.modules():  # the model itself first, then submodules (HeadLogits.model …)
-            if hasattr(m, "blocks") and hasattr(m, "patch_embed"):
-                return m
-    raise ValueError("grad_cam could not find a ViT encoder (a module with .blocks and .patch_embed) inside "
-                     "model_fn; pass encoder=<the ViT whose blocks model_fn runs>")
+def grad_cam(score_module: nn.Module, images: Tensor, target: Target = None, *, layer: int = -1,
+             at: Literal["input", "output"] = "input", relu: bool = True,
+             upsample: Literal["bilinear", "nearest"] | None = "bilinear") -> Tensor:
+    """Grad-CAM (Selvaraju et al. 2017) on the ViT token grid.
 
-
-def grad_cam(model_fn: Callable[[Tensor], Tensor], images: Tensor, target: Target = None, *,
-             layer: int = -1, at: Literal["input", "output"] = "input", encoder: nn.Module | None = None,
-             relu: bool = True, upsample: Literal["bilinear", "nearest"] | None = "bilinear") -> Tensor:
-    """Grad-CAM (Selvaraju et al. 2017) on the ViT token grid, via captum's ``LayerGradCam``.
-
-    With ``A ∈ R^{C×gh×gw}`` the patch tokens of the chosen layer reshaped to a grid (cls and
-    other prefix tokens dropped) and ``s`` the score::
+    With ``A ∈ R^{C×gh×gw}`` the patch tokens of the chosen layer on the grid (prefix tokens —
+    cls, registers — dropped) and ``s`` the selected score::
 
         α_c = (1/L) Σ_{r,c'} ∂s/∂A_{c,r,c'}          (gradient averaged over the grid)
         CAM = ReLU(Σ_c α_c · A_c)                    ([gh, gw], upsampled to pixels)
 
-    Where: ``at="input"`` (default) takes the tokens **entering** ``blocks[layer]``; ``"output"``
-    takes that block's output. The default matters for the last block: with cls pooling, nothing
-    after the last block mixes tokens, so the score's gradient w.r.t. the last block's *output*
-    patch tokens is exactly zero and the map is blank — which is why pytorch-grad-cam hooks
-    ``blocks[-1].norm1`` for ViTs; the input of the last block is the equivalent here.
+    Where: ``at="output"`` takes the output of ``blocks[layer]``; ``at="input"`` (default) the
+    tokens **entering** it, i.e. the output of ``blocks[layer − 1]`` (block 0's input is the patch
+    embedding, which the encoder surface does not expose: a ValueError). The default matters for
+    the last block: with cls pooling, nothing after the last block mixes tokens, so the score's
+    gradient w.r.t. the last block's *output* patch tokens is exactly zero and the map is blank —
+    which is why pytorch-grad-cam hooks ``blocks[-1].norm1`` for ViTs; the input of the last
+    block is the equivalent here.
 
-    The grid is exposed by a forward (pre-)hook on the block that routes the patch tokens through
-    an identity module outputting ``[B, C, gh, gw]`` (the layer captum hooks) and back; the model
-    is not modified and the hook is removed afterwards.
+    How, through the encoder surface only (no hooks): one ``forward_intermediates`` pass (grad
+    enabled) returns the final tokens, scored by ``score_module.score_tokens``, and the chosen
+    block output's patch tokens — a view of that block's output tensor in the autograd graph, so
+    ``torch.autograd.grad`` w.r.t. the tensor it views gives ``∂s/∂A`` exactly.
 
     Args:
-        model_fn: score function (e.g. :class:`HeadLogits`, :class:`EmbeddingSimilarity`) whose
-            forward runs ``encoder.blocks``.
-        encoder: the ViT (our model or timm); found inside ``model_fn`` when it is an ``nn.Module``.
-        relu: apply the Grad-CAM ReLU (captum's default is off).
+        score_module: a score module with ``.model`` (the ViT: ours or timm) and
+            ``.score_tokens(tokens [B, N, D]) → [B] / [B, K]`` — :class:`HeadLogits`,
+            :class:`EmbeddingSimilarity`.
+        target: class index (int) or ``[B]`` indices; None for a single-output score.
+        relu: apply the Grad-CAM ReLU.
         upsample: ``"bilinear"`` / ``"nearest"`` to pixels, or None to keep the grid.
     Returns:
-        ``[B, H, W]`` (or ``[B, gh, gw]``), detached.
+        ``[B, H, W]`` (or ``[B, gh, gw]``), detached, on the model's device.
     """
-    enc = encoder if encoder is not None else _find_encoder(model_fn)
-    grid = tuple(int(g) for g in enc.patch_embed.grid_size)
-    prefix = _num_prefix(enc)
-    to_grid = _TokenGrid(grid)
-
-    def through_grid(tokens: Tensor) -> Tensor:
-        patches = to_grid(tokens[:, prefix:]).flatten(2).transpose(1, 2)  # back to [B, L, C]
-        return torch.cat([tokens[:, :prefix], patches], dim=1)
-
-    block = enc.blocks[layer]
-    if at == "input":
-        handle = block.register_forward_pre_hook(lambda _m, args: (through_grid(args[0]), *args[1:]))
-    elif at == "output":
-        handle = block.register_forward_hook(lambda _m, _args, out: through_grid(out))
-    else:
+    model = getattr(score_module, "model", None)
+    if not (callable(getattr(score_module, "score_tokens", None)) and isinstance(model, nn.Module)):
+        raise ValueError("grad_cam needs a score module with .model (the ViT) and .score_tokens(tokens) — "
+                         "e.g. HeadLogits or EmbeddingSimilarity")
+    if at not in ("input", "output"):
         raise ValueError(f"at must be 'input' or 'output', got {at!r}")
-    try:
-        cam = LayerGradCam(model_fn, to_grid).attribute(images, target=target, relu_attributions=relu)
-    finally:
-        handle.remove()
-    cam = cam.detach()  # [B, 1, gh, gw]
+    block = normalize_layer(layer, len(model.blocks))
+    if at == "input" and block == 0:
+        raise ValueError("the input of block 0 is the patch embedding, which forward_intermediates does not "
+                         "expose: use layer ≥ 1, or at='output'")
+    k = block - 1 if at == "input" else block
+    images = images.to(model_device(model))
+    P, (gh, gw) = num_prefix_tokens(model), grid_size(model)
+    with torch.enable_grad():
+        final, (patches,) = model.forward_intermediates(images, indices=[k], norm=False, output_fmt="NLC")
+        # patches [B, L, C] is tokens[:, P:] of block k's output (a view; the output itself when P = 0)
+        tokens = patches if patches._base is None else patches._base
+        if tokens.shape != (patches.shape[0], P + gh * gw, patches.shape[-1]):
+            raise ValueError(f"forward_intermediates of {type(model).__name__} did not return a view of block {k}'s "
+                             f"output tokens; grad_cam cannot take the gradient there")
+        score = _select(score_module.score_tokens(final), target)
+        (grad,) = torch.autograd.grad(score.sum(), tokens)  # images are independent: Σ_b keeps each ∂s_b
+    alpha = grad[:, P:].mean(dim=1)  # [B, C]
+    cam = torch.einsum("blc,bc->bl", patches.detach(), alpha).reshape(-1, 1, gh, gw)
+    if relu:
+        cam = cam.clamp_min(0)
     if upsample is not None:
         kw = {"align_corners": False} if upsample == "bilinear" else {}
         cam = F.interpolate(cam, size=images.shape[-2:], mode=upsample, **kw)

@@ -31,6 +31,18 @@ def tiny_model(name: str = "rmae_vit_tiny_patch8", seed: int = 0, **keywords: An
     return rmae.create_model(name, **{**TINY, **keywords}).eval()
 
 
+def tiny_timm_vit(reg_tokens: int = 4, seed: int = 0, **keywords: Any) -> torch.nn.Module:
+    """A randomly initialised tiny timm ViT (32², patch 8, depth 2, 48-d, 3 heads) with a cls token
+    and ``reg_tokens`` registers — ``num_prefix_tokens = 1 + reg_tokens`` — in eval mode: the
+    foreign encoder whose prefix is not just a cls token."""
+    import timm
+
+    torch.manual_seed(seed)
+    kw = {"img_size": IMG, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3, "num_classes": 0,
+          "reg_tokens": reg_tokens, **keywords}
+    return timm.create_model("vit_small_patch16_224", pretrained=False, **kw).eval()
+
+
 def make_run(folder: Path, model: torch.nn.Module | None = None, name: str = "rmae_vit_tiny_patch8",
              **keywords: Any) -> Path:
     """A run folder holding ``model`` (or a fresh tiny one), as ``rmae import`` writes it."""

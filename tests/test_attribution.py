@@ -1,14 +1,23 @@
 """analysis.attribution: planted signals that IG and Occlusion must localise, Grad-CAM's token
-grid on real tiny ViTs, and the headless-encoder score functions."""
+grid on real tiny ViTs (known answers, captum's LayerGradCam on the token grid, registers, the
+timm export), and the headless-encoder score functions."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
+import timm
 import torch
 import torch.nn as nn
+from captum.attr import LayerGradCam
+from safetensors.torch import load_file
 
 import rmae
 from analysis import attribution as A
+from analysis import encoder
+from analysis.encoder import pool_tokens
+from conftest import tiny_model, tiny_timm_vit
 from rmae.data import IMAGENET_MEAN, IMAGENET_STD
 
 P = 8  # patch size
@@ -140,45 +149,95 @@ def test_baselines():
 
 @pytest.fixture(scope="module")
 def vit():
-    torch.manual_seed(0)
-    return rmae.create_model("rmae_vit_tiny_patch8", img_size=(H, W), depth=2).eval()
+    return tiny_model("rmae_vit_tiny_patch8", img_size=(H, W))
 
 
-def _block_tokens(model, x: torch.Tensor) -> torch.Tensor:
-    """Residual stream after the last block (no final norm), through the model's real blocks."""
-    z = model.patch_embed(x) + model.pos_embed[:, 1:]
-    z = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(x.shape[0], -1, -1), z], dim=1)
-    for blk in model.blocks:
-        z = blk(z)
-    return z
+class ReadOne(nn.Module):
+    """Score = channel ``c`` of patch token ``t`` of the final tokens (a score module by hand)."""
+
+    def __init__(self, model: nn.Module, t: int, c: int) -> None:
+        super().__init__()
+        self.model, self.t, self.c = model, t, c
+
+    def score_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens[:, encoder.num_prefix_tokens(self.model) + self.t, self.c:self.c + 1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.score_tokens(self.model.forward_features(images))
 
 
 def test_grad_cam_peaks_at_the_token_the_score_reads(vit):
-    """Score = channel c of patch token t after the last block. Then every gradient is at token t,
-    α = e_c / L and the (pre-ReLU) CAM(j) = A_{j,c} / L exactly: the map must equal channel c of the
-    token grid, so a wrong reshape (transposed grid, tokens as channels, cls kept) cannot pass."""
+    """With the final norm removed, the final tokens are the last block's output. Score = channel c
+    of patch token t there. Then every gradient is at token t, α = e_c / L and the (pre-ReLU)
+    CAM(j) = A_{j,c} / L exactly: the map must equal channel c of the token grid, so a wrong
+    reshape (transposed grid, tokens as channels, cls kept) cannot pass."""
+    raw = copy.deepcopy(vit)
+    raw.norm = nn.Identity()
     x = _images(2, seed=1)
-    gh, gw = vit.patch_embed.grid_size
+    gh, gw = raw.patch_embed.grid_size
     t = 1 * gw + 2  # patch (1, 2)
     with torch.no_grad():
-        acts = _block_tokens(vit, x)[:, 1:]  # [B, L, C]
+        acts = raw.forward_features(x)[:, 1:]  # [B, L, C]
     others = torch.cat([acts[:, :t], acts[:, t + 1:]], dim=1).amax(dim=1)
     c = int((acts[:, t] - others).amin(0).argmax())  # a channel where token t is the largest in both images
     assert (acts[:, t, c] > others[:, c]).all()
+    score = ReadOne(raw, t, c)
 
-    def score(images):
-        return _block_tokens(vit, images)[:, 1 + t, c:c + 1]
-
-    cam = A.grad_cam(score, x, layer=-1, at="output", encoder=vit, relu=False, upsample=None)
+    cam = A.grad_cam(score, x, layer=-1, at="output", relu=False, upsample=None)
     assert cam.shape == (2, gh, gw)
     expected = acts[..., c].reshape(2, gh, gw) / (gh * gw)
     torch.testing.assert_close(cam, expected, rtol=1e-4, atol=1e-6)
-    relu = A.grad_cam(score, x, layer=-1, at="output", encoder=vit, upsample=None)
+    relu = A.grad_cam(score, x, layer=-1, at="output", upsample=None)
     torch.testing.assert_close(relu, expected.clamp_min(0))
     assert [divmod(int(i), gw) for i in cam.flatten(1).argmax(1)] == [(1, 2), (1, 2)]
-    up = A.grad_cam(score, x, layer=-1, at="output", encoder=vit, relu=False, upsample="nearest")
+    up = A.grad_cam(score, x, layer=-1, at="output", relu=False, upsample="nearest")
     assert up.shape == (2, H, W)
     torch.testing.assert_close(up[:, P * 1:P * 2, P * 2:P * 3], cam[:, 1:2, 2:3].expand(2, P, P))
+
+
+class _TokenGrid(nn.Module):
+    """The token-grid formulation Grad-CAM used to run through captum: an identity that shows
+    patch tokens ``[B, L, C]`` as ``[B, C, gh, gw]`` (the layer captum's LayerGradCam hooks)."""
+
+    def __init__(self, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.grid = grid
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *self.grid)
+
+
+def _captum_grad_cam(score: nn.Module, x: torch.Tensor, target, layer: int, at: str) -> torch.Tensor:
+    """Independent reference: captum's LayerGradCam on the token grid, routed through a (pre-)hook
+    on ``blocks[layer]`` — the pre-surface implementation, kept here to pin the new one."""
+    model = score.model
+    P, grid = encoder.num_prefix_tokens(model), encoder.grid_size(model)
+    to_grid = _TokenGrid(grid)
+
+    def through(tokens: torch.Tensor) -> torch.Tensor:
+        return torch.cat([tokens[:, :P], to_grid(tokens[:, P:]).flatten(2).transpose(1, 2)], dim=1)
+
+    block = model.blocks[layer]
+    handle = (block.register_forward_pre_hook(lambda _m, args: (through(args[0]), *args[1:])) if at == "input"
+              else block.register_forward_hook(lambda _m, _a, out: through(out)))
+    try:
+        return LayerGradCam(score, to_grid).attribute(x, target=target, relu_attributions=False).detach()[:, 0]
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("which", ["ours", "timm with registers"])
+def test_grad_cam_equals_captums_layer_grad_cam_on_the_token_grid(which):
+    model = tiny_model(depth=3) if which == "ours" else tiny_timm_vit(reg_tokens=4, depth=3)
+    torch.manual_seed(11)
+    score = A.HeadLogits(model, nn.Linear(encoder.describe(model).embed_dim, 4), pool="mean")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12))
+    target = torch.tensor([1, 3])
+    for layer, at in [(0, "output"), (1, "input"), (2, "output"), (-1, "input")]:
+        ours = A.grad_cam(score, x, target, layer=layer, at=at, relu=False, upsample=None)
+        ref = _captum_grad_cam(score, x, target, layer, at)
+        assert ours.abs().max() > 1e-3, (layer, at)
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7, msg=f"layer {layer}, {at}")
 
 
 def test_grad_cam_input_of_block_equals_output_of_previous(vit):
@@ -189,6 +248,12 @@ def test_grad_cam_input_of_block_equals_output_of_previous(vit):
     b = A.grad_cam(score, x, target=3, layer=0, at="output", upsample=None)
     torch.testing.assert_close(a, b)
     assert a.abs().max() > 0
+    with pytest.raises(ValueError, match="block 0"):
+        A.grad_cam(score, x, target=3, layer=0, at="input")
+    with pytest.raises(ValueError, match="out of range"):
+        A.grad_cam(score, x, target=3, layer=2)
+    with pytest.raises(ValueError, match="target"):
+        A.grad_cam(score, x)  # four logits, no target
 
 
 def test_grad_cam_with_cls_pooling_needs_the_last_blocks_input(vit):
@@ -207,18 +272,49 @@ def test_grad_cam_with_cls_pooling_needs_the_last_blocks_input(vit):
 
 
 def test_grad_cam_on_timm_vit():
-    timm = pytest.importorskip("timm")
     torch.manual_seed(4)
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=(H, W), patch_size=P, embed_dim=48, depth=2, num_heads=3, num_classes=0).eval()
     x = _images(2, seed=4)
     ref = _images(1, seed=9)
     with torch.no_grad():
-        reference = A.pool_tokens(vit.forward_features(ref))[0]
+        reference = pool_tokens(vit.forward_features(ref))[0]
     cam = A.grad_cam(A.EmbeddingSimilarity(vit, reference), x)
     assert cam.shape == (2, H, W) and torch.isfinite(cam).all() and cam.abs().max() > 0
-    with pytest.raises(ValueError, match="encoder"):
+    with pytest.raises(ValueError, match="score_tokens"):
         A.grad_cam(lambda images: vit.forward_features(images)[:, 0, :1], x)
+
+
+def test_same_grad_cam_for_our_model_and_its_timm_export(tmp_path):
+    ours = tiny_model()
+    name, kwargs = rmae.export_timm(ours, tmp_path / "enc.safetensors")
+    vit = timm.create_model(name, **kwargs).eval()
+    vit.load_state_dict(load_file(tmp_path / "enc.safetensors"), strict=True)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        reference = pool_tokens(ours.forward_features(x.flip(0)), "mean")
+    cams = [A.grad_cam(A.EmbeddingSimilarity(m, reference, pool="mean"), x, layer=layer, upsample=None)
+            for m in (ours, vit) for layer in (1, -1)]
+    torch.testing.assert_close(cams[0], cams[2], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(cams[1], cams[3], rtol=1e-4, atol=1e-7)
+    assert cams[0].abs().max() > 0
+
+
+def test_grad_cam_and_scores_follow_the_model_device():
+    """Model and images on the CPU while new tensors default to the meta device: a tensor made
+    without naming its device would land on meta and fail."""
+    model = tiny_timm_vit(reg_tokens=2)
+    head = nn.Linear(48, 3)
+    x = torch.randn(2, 3, 32, 32)
+    expected = A.grad_cam(A.HeadLogits(model, head), x, target=2)
+    torch.set_default_device("meta")
+    try:
+        got = A.grad_cam(A.HeadLogits(model, head), x, target=2)
+        sim = A.EmbeddingSimilarity(model, torch.ones(48, device="cpu"))(x)
+    finally:
+        torch.set_default_device(None)
+    assert got.device.type == "cpu" and sim.device.type == "cpu"
+    torch.testing.assert_close(got, expected)
 
 
 # ------------------------------------------------------------------------------------------
@@ -229,7 +325,7 @@ def test_grad_cam_on_timm_vit():
 def test_embedding_similarity_with_own_embedding_is_one(vit, pool):
     x = _images(3, seed=5)
     with torch.no_grad():
-        own = A.pool_tokens(vit.forward_features(x), pool)
+        own = pool_tokens(vit.forward_features(x), pool)
         sim = A.EmbeddingSimilarity(vit, own, pool=pool)(x)
     assert sim.shape == (3, 1)
     torch.testing.assert_close(sim, torch.ones(3, 1), rtol=0, atol=1e-5)
@@ -242,7 +338,7 @@ def test_per_image_reference_survives_captum_batch_expansion(vit):
     """captum evaluates [steps·B] batches; a per-image reference must follow its image."""
     x = _images(2, seed=6)
     with torch.no_grad():
-        refs = A.pool_tokens(vit.forward_features(_images(2, seed=7)))
+        refs = pool_tokens(vit.forward_features(_images(2, seed=7)))
     both = A.integrated_gradients(A.EmbeddingSimilarity(vit, refs), x, steps=4, baseline="zero")
     for i in range(2):
         alone = A.integrated_gradients(A.EmbeddingSimilarity(vit, refs[i:i + 1]), x[i:i + 1], steps=4,

@@ -1,4 +1,6 @@
-"""analysis.metrics against hand-built cases with known answers, plus a real tiny model."""
+"""analysis.metrics against hand-built cases with known answers (attention, DINO, instance-awareness;
+several prefix tokens), then every metric on real tiny models: ours, and ours exported to timm.
+CKA and object discovery: test_metrics_cka.py, test_metrics_discovery.py."""
 
 from __future__ import annotations
 
@@ -6,10 +8,15 @@ import itertools
 import math
 
 import pytest
+import timm
 import torch
+from safetensors.torch import load_file
 
 import rmae
+from analysis import encoder
 from analysis import metrics as M
+from analysis.groundtruth import boxes_from_instances, patch_ownership
+from conftest import IMG, tiny_model
 
 P = 8  # patch size used by the hand-built cases
 
@@ -22,6 +29,21 @@ def _with_cls(patch_rows: torch.Tensor, cls_mass: float = 0.3) -> torch.Tensor:
     a[..., 0] = cls_mass
     a[..., 1:, 1:] = (1 - cls_mass) * patch_rows.double()
     a[:, :, 0, 1:] = (1 - cls_mass) / L  # cls query: uniform over patches
+    return a
+
+
+def _with_register(one_prefix: torch.Tensor, register_mass: float = 0.4) -> torch.Tensor:
+    """``[B, h, 1+L, 1+L]`` (cls first) → ``[B, h, 2+L, 2+L]`` with a register token at index 1
+    (a DINOv2 register or DeiT's distillation token): every row moves ``register_mass`` of its
+    weight onto the register key, and the register's own row is a one-hot on the last patch (if a
+    metric read it as a query, or kept its key, the answer would change)."""
+    B, h, N, _ = one_prefix.shape
+    a = torch.zeros(B, h, N + 1, N + 1, dtype=torch.float64)
+    rows = [0, *range(2, N + 1)]  # cls and the patches keep their order around the register
+    a[:, :, rows, 0] = (1 - register_mass) * one_prefix[..., 0].double()
+    a[:, :, rows, 1] = register_mass
+    a[:, :, rows, 2:] = (1 - register_mass) * one_prefix[..., 1:].double()
+    a[:, :, 1, -1] = 1.0
     return a
 
 
@@ -156,26 +178,27 @@ def _two_instances() -> torch.Tensor:
 
 
 def _owner_grid() -> torch.Tensor:
-    owner, _ = M.patch_ownership(_two_instances(), 4)
+    owner, _ = patch_ownership(_two_instances(), 4)
     return owner[0].reshape(-1)
 
 
 def test_patch_ownership_majority_purity_and_ties():
+    """The ownership instance-awareness counts with (analysis.groundtruth)."""
     inst = _two_instances()
-    owner, purity = M.patch_ownership(inst, 4)
+    owner, purity = patch_ownership(inst, 4)
     assert owner.shape == (1, 4, 4)
     expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]])
     assert torch.equal(owner[0], expected)
     assert purity[0, 2, 2].item() == pytest.approx(12 / 16) and purity[0, 0, 0] == 1
     tie = torch.zeros(4, 4, dtype=torch.long)
     tie[:2] = 7  # half the pixels: background (lower id) wins the tie
-    o, p = M.patch_ownership(tie, 4)
+    o, p = patch_ownership(tie, 4)
     assert o.item() == 0 and p.item() == 0.5
     three = torch.tensor([[3, 3, 5, 5], [3, 3, 5, 0], [0, 0, 0, 0], [5, 5, 9, 9]])
-    o, p = M.patch_ownership(three, 4)  # 5 has 5 px, 0 has 5 px, 3 has 4 → tie 0/5 → 0
+    o, p = patch_ownership(three, 4)  # 5 has 5 px, 0 has 5 px, 3 has 4 → tie 0/5 → 0
     assert o.item() == 0
     sparse = torch.full((1, 8, 8), 100_000, dtype=torch.long)  # sparse large ids are fine
-    assert M.patch_ownership(sparse, 4)[0].unique().item() == 100_000
+    assert patch_ownership(sparse, 4)[0].unique().item() == 100_000
 
 
 def test_attention_on_own_instance_gives_mass_one_leak_zero_jaccard_one():
@@ -261,157 +284,65 @@ def test_cls_jaccard():
 
 
 # ------------------------------------------------------------------------------------------
-# CKA
+# more than one prefix token
 
 
-def _gram_cka(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """Independent reference: HSIC with centred Gram matrices (Kornblith et al. Eq. 3)."""
-    n = X.shape[0]
-    H = torch.eye(n, dtype=torch.float64) - 1.0 / n
-    K, Lm = X.double() @ X.double().T, Y.double() @ Y.double().T
-    hsic = lambda A, B: torch.trace(A @ H @ B @ H)  # noqa: E731
-    return hsic(K, Lm) / torch.sqrt(hsic(K, K) * hsic(Lm, Lm))
+def test_a_register_token_is_left_out_like_cls():
+    """cls + one register (or DeiT's distillation token) in front of the patches: with
+    ``num_prefix=2`` every metric reads the same patch block, and the same cls row, as the
+    one-prefix map the two-prefix map was built from (its register key and row are ignored)."""
+    torch.manual_seed(7)
+    inst = _two_instances().expand(2, -1, -1)  # 16 × 16 px, 4-px patches: a 4 × 4 grid
+    L = 16
+    one = _with_cls(torch.softmax(torch.randn(2, 3, L, L, dtype=torch.float64) * 2, -1))
+    fg = (_owner_grid() > 0).double()
+    one[:, :, 0, 1:] = 0.7 * fg / fg.sum()  # cls attends exactly the objects
+    two = _with_register(one)
+    assert two.shape[-1] == 2 + L and torch.allclose(two.sum(-1), torch.ones(2, 3, 2 + L, dtype=torch.float64))
 
+    torch.testing.assert_close(M.mean_attention_distance(two, (4, 4), 4, num_prefix=2),
+                               M.mean_attention_distance(one, (4, 4), 4))
+    torch.testing.assert_close(M.attention_entropy(two, num_prefix=2), M.attention_entropy(one))
+    torch.testing.assert_close(M.attention_nmi(two, num_prefix=2), M.attention_nmi(one))
+    a, b = M.instance_awareness(two, inst, 4, heads="each", num_prefix=2), M.instance_awareness(one, inst, 4, heads="each")
+    for key, value in a.as_dict().items():
+        torch.testing.assert_close(value, b.as_dict()[key], msg=key)
+    fg_pixels = inst > 0
+    j = M.cls_jaccard(two, fg_pixels, 4, mass=1.0, num_prefix=2)
+    torch.testing.assert_close(j, torch.ones(2, dtype=torch.float64))  # the register's row is one patch: J = 1/8
+    torch.testing.assert_close(j, M.cls_jaccard(one, fg_pixels, 4, mass=1.0))
 
-def test_linear_cka_properties():
-    torch.manual_seed(2)
-    X = torch.randn(60, 10)
-    Y = X @ torch.randn(10, 7) + 0.5 * torch.randn(60, 7)
-    assert M.linear_cka(X, X).item() == pytest.approx(1.0, abs=1e-12)
-    Q, _ = torch.linalg.qr(torch.randn(10, 10, dtype=torch.float64))
-    base = M.linear_cka(X, Y)
-    assert M.linear_cka(X.double() @ Q * 3.7, Y).item() == pytest.approx(base.item(), abs=1e-12)
-    assert M.linear_cka(X, Y.double() * 0.01 + 5).item() == pytest.approx(base.item(), abs=1e-12)
-    torch.testing.assert_close(base, _gram_cka(X, Y))
-    assert 0 < base < 1
-    # not invariant to a non-orthogonal, non-isotropic map
-    assert abs(M.linear_cka(X * torch.linspace(0.1, 10, 10), Y) - base) > 1e-3
-
-
-def test_streaming_cka_equals_one_shot():
-    torch.manual_seed(3)
-    n = 90
-    A = [torch.randn(n, 6, dtype=torch.float64) + 1e7, torch.randn(n, 5)]  # large mean: needs the shift
-    B = [A[0] @ torch.randn(6, 4, dtype=torch.float64) + torch.randn(n, 4), torch.randn(n, 3), A[1][:, :2] ** 2]
-    acc = M.StreamingCKA()
-    for s in (slice(0, 7), slice(7, 50), slice(50, n)):
-        acc.update([a[s] for a in A], [b[s] for b in B])
-    out = acc.compute()
-    assert out.shape == (2, 3) and acc.n == n
-    expected = torch.tensor([[M.linear_cka(a, b).item() for b in B] for a in A], dtype=torch.float64)
-    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
-
-
-def test_layer_cka_between_real_models():
-    torch.manual_seed(0)
-    mae = rmae.create_model("mae_vit_tiny_patch8", img_size=32, depth=2)
-    rm = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=3)
-    images = [torch.randn(3, 3, 32, 32) for _ in range(2)]
-    same = M.layer_cka(mae, mae, images, tokens="patch")
-    torch.testing.assert_close(torch.diagonal(same), torch.ones(2, dtype=torch.float64))
-    cross = M.layer_cka(mae, rm, images, tokens="mean")
-    assert cross.shape == (2, 3) and ((cross >= 0) & (cross <= 1 + 1e-9)).all()
-    assert mae.training  # mode restored
-
-
-# ------------------------------------------------------------------------------------------
-# TokenCut / CorLoc
-
-
-def test_tokencut_finds_planted_object():
-    torch.manual_seed(4)
-    gh, gw, D = 6, 8, 64
-    u, v = torch.randn(D), torch.randn(D)
-    keys = v + 0.1 * torch.randn(2, gh * gw, D)
-    grid = keys.view(2, gh, gw, D)
-    grid[0, 1:4, 2:6] = u + 0.1 * torch.randn(3, 4, D)  # planted object, rows 1-3, cols 2-5
-    grid[1, 3:6, 0:2] = u + 0.1 * torch.randn(3, 2, D)  # another, at the border
-    res = M.tokencut(keys, (gh, gw), P)
-    expected = torch.tensor([[2 * P, 1 * P, 6 * P, 4 * P], [0, 3 * P, 2 * P, 6 * P]], dtype=torch.float64)
-    torch.testing.assert_close(res.boxes, expected)
-    assert res.masks.shape == (2, gh, gw) and res.masks[0].sum() == 12
-    iou = torch.diagonal(M.box_iou(res.boxes, expected))
-    assert (iou > 0.99).all()
-    gt = [expected[0:1], torch.tensor([[0.0, 0.0, 8.0, 8.0], expected[1].tolist()])]
-    assert M.corloc(res.boxes, gt).tolist() == [1.0, 1.0]
-
-
-def test_seed_component_is_4_connected():
-    mask = torch.tensor([[[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [1, 0, 1, 0]]], dtype=torch.bool)
-    comp = M._seed_component(mask, torch.tensor([0]))
-    assert comp[0].nonzero().tolist() == [[0, 0], [0, 1], [1, 1]]  # the diagonal (2, 2) is not joined
-    comp = M._seed_component(mask, torch.tensor([10]))
-    assert comp[0].nonzero().tolist() == [[2, 2], [2, 3], [3, 2]]
-
-
-def test_box_iou_and_corloc():
-    a = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    b = torch.tensor([[5.0, 0.0, 15.0, 10.0], [0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])
-    torch.testing.assert_close(M.box_iou(a, b), torch.tensor([[1 / 3, 1.0, 0.0]], dtype=torch.float64))
-    pred = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 1.0, 1.0]])
-    gt = [b[:1], b[2:], torch.zeros(0, 4)]
-    hits = M.corloc(pred, gt, threshold=0.3)
-    assert hits[:2].tolist() == [1.0, 0.0] and torch.isnan(hits[2])
-    assert M.corloc(pred[:1], [b[:1]], threshold=0.5).item() == 0.0  # IoU 1/3 < 0.5
-
-
-def test_last_layer_keys_reproduce_attention_of_our_model():
-    torch.manual_seed(5)
-    model = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=2).eval()
-    images = torch.randn(2, 3, 32, 32)
-    keys = M.last_layer_keys(model, images, drop_prefix=False)
-    assert keys.shape == (2, 17, 192) and M.last_layer_keys(model, images).shape == (2, 16, 192)
-    captured = []
-    h = model.blocks[-1].attn.qkv.register_forward_hook(lambda _m, _i, o: captured.append(o))
-    with torch.no_grad():
-        _, attn = model.forward_features(images, return_attention=True)
-    h.remove()
-    heads = model.blocks[-1].attn.num_heads
-    q = captured[0].reshape(2, 17, 3, heads, -1)[:, :, 0].transpose(1, 2)
-    k = keys.reshape(2, 17, heads, -1).transpose(1, 2)  # heads concatenated in head order
-    recomputed = ((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)).softmax(-1)
-    torch.testing.assert_close(recomputed, attn[-1], rtol=1e-4, atol=1e-6)
-
-
-def test_last_layer_keys_timm_with_k_norm():
-    timm = pytest.importorskip("timm")
-    torch.manual_seed(6)
-    vit = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, qk_norm=True, num_classes=0).eval()
-    images = torch.randn(2, 3, 32, 32)
-    inputs = []
-    h = vit.blocks[-1].attn.register_forward_hook(lambda _m, i, _o: inputs.append(i[0]))
-    keys = M.last_layer_keys(vit, images)
-    h.remove()
-    attn = vit.blocks[-1].attn
-    x = inputs[0]
-    qkv = attn.qkv(x).reshape(2, 17, 3, 3, 16).permute(2, 0, 3, 1, 4)  # timm's own layout
-    k = attn.k_norm(qkv[1]).transpose(1, 2).reshape(2, 17, 48)
-    torch.testing.assert_close(keys, k[:, 1:])
-    assert not torch.allclose(keys, qkv[1].transpose(1, 2).reshape(2, 17, 48)[:, 1:])  # k_norm matters
-    assert M.discover_objects(vit, images).boxes.shape == (2, 4)
+    # the register read as a patch: the grid does not fit, or the numbers move
+    with pytest.raises(ValueError, match="1 prefix . 17 patches"):
+        M.mean_attention_distance(two, (4, 4), 4, num_prefix=1)
+    assert not torch.allclose(M.attention_entropy(two), M.attention_entropy(one))
+    with pytest.raises(ValueError, match="cls token"):
+        M.cls_jaccard(one[..., 1:, 1:], fg_pixels, 4, num_prefix=0)
 
 
 # ------------------------------------------------------------------------------------------
 # real tiny model on a scenes batch: every metric, shapes and ranges
 
 
-def test_every_metric_on_real_model_and_scenes():
+def _scenes(n: int = 6):
     from rmae.data import RegionDataset, build_dataset, collate_regions
 
-    base = build_dataset("scenes:val:64", image_size=32)
-    ds = RegionDataset(base, source=None, cache=None, image_size=32, train=False, crop_pct=1.0)
-    batch = collate_regions([ds[i] for i in range(6)])
+    base = build_dataset("scenes:val:64", image_size=IMG)
+    ds = RegionDataset(base, source=None, cache=None, image_size=IMG, train=False, crop_pct=1.0)
+    return base, collate_regions([ds[i] for i in range(n)])
+
+
+def test_every_metric_on_real_model_and_scenes():
+    base, batch = _scenes()
     images, inst = batch["images"], batch["instances"]
-    torch.manual_seed(0)
-    model = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=2).eval()
-    grid, p = model.patch_embed.grid_size, model.config.patch_size
-    with torch.no_grad():
-        _, attn = model.forward_features(images, return_attention=True)
+    model = tiny_model()
+    grid, p = encoder.grid_size(model), encoder.patch_size(model)
+    _, rec = encoder.attention_pass(model, images)
+    attn = rec.weights
     B, depth, heads, L = 6, 2, model.blocks[0].attn.num_heads, grid[0] * grid[1]
 
     dist = M.mean_attention_distance(attn, grid, p)
-    max_d = math.dist((p / 2, p / 2), (32 - p / 2, 32 - p / 2))
+    max_d = math.dist((p / 2, p / 2), (IMG - p / 2, IMG - p / 2))
     assert dist.shape == (B, depth, heads) and ((dist > 0) & (dist < max_d)).all()
     ent = M.attention_entropy(attn)
     assert ent.shape == (B, depth, heads) and ((ent >= 0) & (ent <= math.log(L) + 1e-9)).all()
@@ -427,15 +358,67 @@ def test_every_metric_on_real_model_and_scenes():
     assert cj.shape == (B,) and ((cj >= 0) & (cj <= 1)).all()
 
     # ground-truth boxes from the cropped instance maps equal the dataset's own boxes (crop 1.0)
-    gt = M.boxes_from_instances(inst)
+    gt = boxes_from_instances(inst)
     for i in range(B):
         raw = base.load(i)
         present = torch.as_tensor(sorted(set(raw["instances"].ravel().tolist()) - {0}))
         torch.testing.assert_close(gt[i], torch.as_tensor(raw["boxes"], dtype=torch.float64)[present - 1])
     found = M.discover_objects(model, images)
     assert found.boxes.shape == (B, 4) and found.masks.shape == (B, *grid)
-    assert ((found.boxes >= 0) & (found.boxes <= 32)).all()
+    assert ((found.boxes >= 0) & (found.boxes <= IMG)).all()
     assert (found.boxes[:, 2:] > found.boxes[:, :2]).all()
     hits = M.corloc(found.boxes, gt)
     assert set(hits.tolist()) <= {0.0, 1.0}
     assert found.masks.reshape(B, -1).gather(1, found.seeds[:, None]).all()  # seed inside its component
+
+
+def _all_metrics(model, images: torch.Tensor, inst: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every metric of this package for one model, computed the way an analysis does: through
+    analysis.encoder, with the model's own grid, patch size and prefix count."""
+    grid, p, P = encoder.grid_size(model), encoder.patch_size(model), encoder.num_prefix_tokens(model)
+    _, rec = encoder.attention_pass(model, images)
+    attn = rec.weights
+    ia = M.instance_awareness(attn, inst, p, heads="each", num_prefix=P)
+    found = M.discover_objects(model, images)
+    return {"distance": M.mean_attention_distance(attn, grid, p, num_prefix=P),
+            "entropy": M.attention_entropy(attn, num_prefix=P), "nmi": M.attention_nmi(attn, num_prefix=P),
+            **ia.as_dict(), "cls_jaccard": M.cls_jaccard(attn, inst, p, heads="each", num_prefix=P),
+            "boxes": found.boxes, "eigenvectors": found.eigenvectors, "corloc": M.corloc(found.boxes, boxes_from_instances(inst))}
+
+
+def test_same_metrics_for_our_model_and_its_timm_export(tmp_path):
+    """Analysis results for a timm ViT and for our model with the same weights are equal."""
+    ours = tiny_model()
+    name, kwargs = rmae.export_timm(ours, tmp_path / "enc.safetensors")
+    vit = timm.create_model(name, **kwargs).eval()
+    vit.load_state_dict(load_file(tmp_path / "enc.safetensors"), strict=True)
+    _, batch = _scenes()
+    images, inst = batch["images"], batch["instances"]
+    a, b = _all_metrics(ours, images, inst), _all_metrics(vit, images, inst)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, equal_nan=True, msg=key)
+    batches = [images[:3], images[3:]]
+    for tokens in ("patch", "cls", "mean"):
+        cross = M.layer_cka(ours, vit, batches, tokens=tokens)
+        torch.testing.assert_close(torch.diagonal(cross), torch.ones(2, dtype=torch.float64), msg=tokens)
+        torch.testing.assert_close(cross, M.layer_cka(ours, ours, batches, tokens=tokens), msg=tokens)
+
+
+def test_metrics_follow_the_data_device():
+    """Run everything with the model and data on the CPU while new tensors default to the meta
+    device: a tensor made without naming its device would land on meta and fail the run."""
+    _, batch = _scenes(2)
+    images, inst = batch["images"], batch["instances"]
+    model, other = tiny_model(), tiny_model("mae_vit_tiny_patch8", seed=1)
+    expected = _all_metrics(model, images, inst)
+    torch.set_default_device("meta")
+    try:
+        got = _all_metrics(model, images, inst)
+        cka = M.layer_cka(model, other, [images], tokens="mean")
+    finally:
+        torch.set_default_device(None)
+    for key in expected:
+        assert got[key].device.type == "cpu", key
+        torch.testing.assert_close(got[key], expected[key], equal_nan=True, msg=key)
+    assert cka.device.type == "cpu" and torch.isfinite(cka).all()

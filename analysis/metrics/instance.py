@@ -1,0 +1,143 @@
+"""Instance-awareness: how much of a patch query's attention stays on its own instance (new).
+
+R-MAE (Nguyen et al. 2023, Fig. 6) shows qualitatively that a query patch's attention
+concentrates on the query's instance; :func:`instance_awareness` measures it against
+ground-truth instance maps (patch ownership from :mod:`analysis.groundtruth`). Attention inputs
+follow :mod:`analysis.metrics._layers`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from analysis.groundtruth import patch_ownership
+
+from ._layers import AttentionInput, HeadMode, Tensor, check_layer, map_layers, masked_query_mean, patch_rows
+from .dino import keep_mass_threshold
+
+__all__ = ["InstanceAwareness", "instance_awareness"]
+
+
+@dataclass
+class InstanceAwareness:
+    """Per-image instance-awareness of a batch (see :func:`instance_awareness`).
+
+    Each value tensor is float64 ``[B]`` + ``[layers]`` (sequence input) + ``[heads]``
+    (``heads="each"``): the mean over the image's valid query patches, NaN for an image with none.
+    ``mass + leak + background = 1`` per query (hence per image).
+
+    Attributes:
+        mass: attention mass on patches of the query's own instance.
+        leak: mass on patches of other instances.
+        background: mass on background patches.
+        jaccard: Jaccard of the query's keep-``mass``-thresholded map with its instance's patches.
+        num_queries: int64 ``[B]`` valid query patches per image (weights for pooling).
+    """
+
+    mass: Tensor
+    leak: Tensor
+    background: Tensor
+    jaccard: Tensor
+    num_queries: Tensor
+
+    _NAMES = {"mass": "instance_mass", "leak": "instance_leak", "background": "background_mass",
+              "jaccard": "instance_jaccard"}
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """Per-image values under the report's names: ``instance_mass``, ``instance_leak``,
+        ``background_mass``, ``instance_jaccard``."""
+        return {self._NAMES[k]: getattr(self, k) for k in self._NAMES}
+
+    def pooled(self) -> dict[str, Tensor]:
+        """Query-weighted means over images (= mean over all valid queries of the batch), under the
+        report's names; shape ``[layers][heads]``. NaN if no image has a valid query."""
+        w = self.num_queries.double()
+        out = {}
+        for key, name in self._NAMES.items():
+            v = getattr(self, key)
+            wv = w.reshape(-1, *([1] * (v.ndim - 1)))
+            out[name] = torch.where(wv > 0, v, torch.zeros_like(v)).mul(wv).sum(0) / w.sum()
+        return out
+
+    @classmethod
+    def cat(cls, parts: Iterable[InstanceAwareness]) -> InstanceAwareness:
+        """Concatenate the per-image values of several batches (streaming over a dataset)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return cls(**{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(cls)})
+
+
+def instance_awareness(attn: AttentionInput, instances: Tensor, patch_size: int | Sequence[int], *,
+                       mass: float = 0.6, min_purity: float = 0.5, heads: HeadMode = "mean",
+                       num_prefix: int = 1) -> InstanceAwareness:
+    """How much a patch query's attention stays on its own ground-truth instance (new metric).
+
+    R-MAE (Nguyen et al. 2023, Fig. 6) shows qualitatively that a query patch's attention
+    concentrates on the query's instance; this measures it. Patch ownership by majority vote
+    (:func:`analysis.groundtruth.patch_ownership`): ``own(j)`` is patch ``j``'s id (0 = background).
+
+    Queries: patches ``q`` with ``own(q) > 0`` and purity ``≥ min_purity`` (the instance covers at
+    least that fraction of the query patch's pixels; 0.5 by default, so the query lies mostly
+    inside the instance). Keys: all patches, by owner. With ``ã_qj`` renormalised over patch
+    keys (:mod:`analysis.metrics._layers`)::
+
+        mass(q)       = Σ_{j: own(j) = own(q)}        ã_qj
+        leak(q)       = Σ_{j: own(j) ∉ {0, own(q)}}   ã_qj
+        background(q) = Σ_{j: own(j) = 0}             ã_qj      (the three sum to 1)
+        jaccard(q)    = |T_q ∩ M_q| / |T_q ∪ M_q|,
+            T_q = keep_mass_threshold(ã_q·, mass)  (DINO-style, default 60 %),
+            M_q = {j : own(j) = own(q)}
+
+    each averaged over the image's queries. Reference points: uniform attention gives
+    ``mass = |M_q| / L`` (the instance's patch share); a map on exactly the instance gives
+    mass 1, leak 0, Jaccard 1.
+
+    Heads: ``"mean"`` averages the (renormalised) heads first — identical to the mean of per-head
+    masses, but the Jaccard then thresholds the head-mean map (as DINO's mean-attention figures);
+    ``"each"`` keeps a head dimension.
+
+    Args:
+        attn: ``[B, h, N, N]`` or a sequence of layers.
+        instances: int ``[B, H, W]`` pixel instance map, ``H = gh·p_h``, ``W = gw·p_w``.
+        patch_size: the model's patch size (``p`` or ``(p_h, p_w)``).
+    Returns:
+        :class:`InstanceAwareness` with per-image ``[B]`` (+ ``[layers]``) (+ ``[h]``) values and
+        ``num_queries [B]``.
+    """
+    if heads not in ("mean", "each"):
+        raise ValueError(f"heads must be 'mean' or 'each', got {heads!r}")
+    owner, purity = patch_ownership(instances, patch_size)
+    B = owner.shape[0]
+    owner, purity = owner.reshape(B, -1), purity.reshape(B, -1)
+    L = owner.shape[1]
+    valid = (owner > 0) & (purity >= min_purity)  # [B, L] query patches
+    same = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] > 0)  # [B, Lq, Lk]
+    background = (owner == 0).double()  # [B, Lk]
+    other = (~same & (owner[:, None, :] > 0)).double()
+    same_f = same.double()
+
+    def one(a: Tensor) -> Tensor:
+        check_layer(a, num_prefix, L)
+        if a.shape[0] != B:
+            raise ValueError(f"attention batch {a.shape[0]} ≠ instance-map batch {B}")
+        p = patch_rows(a, num_prefix)
+        if heads == "mean":
+            p = p.mean(dim=1, keepdim=True)
+        m_same = torch.einsum("bhqk,bqk->bhq", p, same_f)
+        m_other = torch.einsum("bhqk,bqk->bhq", p, other)
+        m_bg = torch.einsum("bhqk,bk->bhq", p, background)
+        kept = keep_mass_threshold(p, mass)
+        inter = (kept & same[:, None]).sum(-1).double()
+        union = (kept | same[:, None]).sum(-1).double()
+        jac = inter / union.clamp_min(1.0)
+        # [B, h', 4] (or [B, 4] for head-mean) so that layers stack at dim 1 like every metric
+        out = torch.stack([masked_query_mean(x, valid) for x in (m_same, m_other, m_bg, jac)], dim=-1)
+        return out[:, 0] if heads == "mean" else out
+
+    res = map_layers(one, attn).movedim(-1, 0)
+    return InstanceAwareness(mass=res[0], leak=res[1], background=res[2], jaccard=res[3],
+                             num_queries=valid.sum(-1))
