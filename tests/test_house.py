@@ -129,7 +129,7 @@ def test_every_analysis_tensor_follows_the_model_device(tmp_path, monkeypatch):
 
     monkeypatch.setattr(RegionLoader, "__iter__", batches_on_cpu)
     runs = [make_run(tmp_path / n, name=f"{n}_vit_tiny_patch8") for n in ("mae", "rmae")]
-    cfg = AnalyzeConfig(data="scenes:val:8", batch_size=4, probes=(), clicks=(), device="cpu")  # TODO clicks
+    cfg = AnalyzeConfig(data="scenes:val:8", batch_size=4, probes=(), clicks=(1, 2), device="cpu")
     reference = analyze(runs, cfg, progress=False)
     with torch.device("meta"):
         meta = analyze(runs, cfg, progress=False)
@@ -226,7 +226,7 @@ def test_presets_ship_inside_the_package_and_a_non_editable_install_finds_them(t
     env["PYTHONPATH"] = str(target)  # the installed copy only, from a folder far from the checkout
     r = subprocess.run([PY, "-c", code, str(target)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "['base', 'demo', 'small'] rmae_vit_tiny_patch8 1" in r.stdout
+    assert "['base', 'demo', 'small', 'study'] rmae_vit_tiny_patch8 1" in r.stdout
 
 
 # ------------------------------------------------------------------------------------------
