@@ -1,7 +1,8 @@
-"""Probes (analysis.probes) and their feature cache (analysis.features).
+"""Probes (analysis.probes): what each can and cannot learn, their settings, and ``rmae probe``.
 
 Synthetic features check what each probe can and cannot learn; a tiny real model run folder
-checks extraction, the cache, run_probe's results and the ``rmae probe`` command end to end.
+checks run_probe's results and the ``rmae probe`` command end to end (extraction and the feature
+cache are tested in test_features.py).
 """
 
 from __future__ import annotations
@@ -12,25 +13,23 @@ from pathlib import Path
 import pytest
 import torch
 
-import rmae
-import rmae.data
-from analysis.features import block_tokens, load_features, patch_majority, resolve_run
 from analysis.probes import (
     PROBES,
     RESULT_KEYS,
-    DenseGrid,
-    LinearGrid,
+    ProbeConfig,
     ProbeError,
     attentive_probe,
-    confusion_to_iou,
     default_eval_data,
     dense_probe,
-    fit_grid,
     knn_probe,
     linear_probe,
     run_probe,
-    split_holdout,
 )
+from analysis.probes.fit import fit_grid, lr_factor, split_holdout
+from analysis.probes.heads import AttentiveGrid, DenseGrid, LinearGrid
+from conftest import make_run, tiny_model
+from rmae.errors import UserError
+from rmae.evaluation import iou_from_confusion
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,8 +132,6 @@ def test_attentive_probe_finds_the_one_token():
 
 def test_attentive_grid_equals_explicit_cross_attention():
     """The key/value-free computation is exactly MultiheadAttention with a learned query."""
-    from analysis.probes import AttentiveGrid
-
     D, H, L, B = 16, 4, 5, 3
     grid = AttentiveGrid(D, 3, 1, torch.Generator().manual_seed(0), attn_heads=H).eval()
     x = torch.randn(B, L, D)
@@ -167,8 +164,9 @@ def test_dense_probe_separable_and_chance(upsample, floor):
 
 
 def test_miou_from_confusion():
+    """The dense probe's score (rmae.evaluation, shared with fine-tuning)."""
     conf = torch.tensor([[3, 1, 0], [0, 2, 0], [0, 0, 0]])  # class 2 absent everywhere
-    miou, per = confusion_to_iou(conf)
+    miou, per = iou_from_confusion(conf)
     assert per[0] == pytest.approx(3 / 4) and per[1] == pytest.approx(2 / 3) and per[2] is None
     assert miou == pytest.approx((3 / 4 + 2 / 3) / 2)
 
@@ -227,120 +225,91 @@ def test_dense_grid_shapes_and_holdout_split():
         split_holdout(1, 0.2, seed=0)
 
 
+
+def test_schedule_warms_up_from_the_first_step():
+    """rmae.train.optim.lr_at's warmup + cosine, read so that step 0 already learns: the first
+    of 10 warmup steps runs at 1/10 of the peak (lr_at itself gives 0 there), the last at the
+    peak, then the cosine falls to half at the middle of the remaining steps."""
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(4, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(99, 100, 10) < 0.001
+    assert lr_factor(0, 5, 0) == pytest.approx(1.0)  # too short to warm up: cosine from the peak
+
+
 # ---------------------------------------------------------------------------------------------
-# features: extraction and cache
+# settings
 
 
-def test_patch_majority():
-    classes = torch.zeros(1, 4, 4, dtype=torch.long)
-    classes[0, :2, :2] = torch.tensor([[2, 2], [2, 0]])  # patch 0: 3 of 4 pixels are 2
-    classes[0, :2, 2:] = torch.tensor([[1, 1], [0, 0]])  # patch 1: tie 0/1 → 0 (smaller id)
-    classes[0, 2:, 2:] = 3
-    assert patch_majority(classes, 2, 4).tolist() == [[2, 0, 0, 3]]
+def test_probe_config_types_ranges_and_errors():
+    from rmae.device import DeviceError
+    from rmae.settings import ConfigError, build
+
+    cfg = build(ProbeConfig, {"probe": "linear", "data": "scenes:train:64", "epochs": "2", "lrs": [0.1, "1e-2"],
+                              "holdout": 0.25, "cache": "false"}, "test")
+    assert cfg.epochs == 2 and cfg.lrs == (0.1, 0.01) and cfg.holdout == 0.25 and cfg.cache is False
+    assert cfg.resolved_pool == "cls" and cfg.resolved_optimizer == "sgd" and cfg.device == "auto"
+    d = ProbeConfig(probe="dense", data="scenes:train:8", lrs=[1, 0.1])
+    assert d.resolved_pool == "tokens" and d.lrs == (1.0, 0.1)
+    assert ProbeConfig(probe="attentive", data="x").resolved_optimizer == "adamw"
+    assert issubclass(ProbeError, UserError) and issubclass(ProbeError, ValueError)
+    with pytest.raises(ConfigError, match="test: epochs='abc' is not a valid int"):
+        build(ProbeConfig, {"probe": "linear", "data": "scenes", "epochs": "abc"}, "test")
+    with pytest.raises(ConfigError, match="did you mean epochs"):
+        build(ProbeConfig, {"probe": "linear", "data": "scenes", "epoch": 2}, "test")
+    with pytest.raises(ConfigError, match="probe='svm' is not one of linear, knn, attentive, dense"):
+        build(ProbeConfig, {"probe": "svm", "data": "scenes"}, "test")
+    # constructed directly (rmae analyze, notebooks): checked alike, UserErrors all
+    bad = [({"probe": "svm"}, "unknown probe"), ({"probe": "dense", "pool": "cls"}, "tokens"),
+           ({"probe": "linear", "pool": "tokens"}, "one vector per image"),
+           ({"probe": "knn", "solver": "sklearn"}, "linear probe only"),
+           ({"probe": "linear", "epochs": 0}, "epochs=0 is out of range"),
+           ({"probe": "linear", "holdout": 1.0}, "holdout=1.0 is out of range"),
+           ({"probe": "linear", "lrs": ()}, "lrs must be positive numbers"),
+           ({"probe": "linear", "lrs": (0.1, -1.0)}, "out of range"),
+           ({"probe": "linear", "device": "gpu"}, "not a device")]
+    for kw, message in bad:
+        with pytest.raises(UserError, match=message):
+            ProbeConfig(data="scenes:train:8", **kw)
+    with pytest.raises(DeviceError):
+        ProbeConfig(probe="linear", data="x", device="tpu")
 
 
-def _make_run(folder: Path, seed: int) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    model = rmae.create_model("mae_vit_tiny_patch8", img_size=32, depth=2)
-    rmae.save_model(model, folder / "model.safetensors")
-    return folder
+# ---------------------------------------------------------------------------------------------
+# run folders
+
+
+def _config(probe: str, data: str = "scenes:train:64", eval_data: str | None = "scenes:val:32",
+            **kw) -> ProbeConfig:
+    return ProbeConfig(probe=probe, data=data, eval_data=eval_data, **kw)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    return _make_run(tmp_path_factory.mktemp("probes") / "run", seed=0)
+    return make_run(tmp_path_factory.mktemp("probes") / "run", tiny_model("mae_vit_tiny_patch8"))
 
 
-def test_block_tokens_match_forward_features(run):
-    model = rmae.load_model(run).eval()
-    images = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        full = model.forward_features(images)
-        x = model.patch_embed(images) + model.pos_embed[:, 1:]
-        x = torch.cat([(model.cls_token + model.pos_embed[:, :1]).expand(2, -1, -1), x], 1)
-        first = model.blocks[0](x)
-    assert torch.allclose(block_tokens(model, images, 1), full, atol=1e-6)
-    assert torch.allclose(block_tokens(model, images, 0), first, atol=1e-6)  # no final norm
-
-
-def test_features_layers_pools_and_labels(run):
-    cls = load_features(run, "scenes:train:16", layer=-1, pool="cls", progress=False)
-    mean0 = load_features(run, "scenes:train:16", layer=0, pool="mean", progress=False)
-    tok = load_features(run, "scenes:train:16", layer=1, pool="tokens", progress=False)
-    assert cls.features.shape == (16, 192) and cls.features.dtype == torch.float32
-    assert tok.features.shape == (16, 16, 192) and tok.features.dtype == torch.float16
-    assert tok.classes.shape == (16, 32, 32) and tok.grid == (4, 4)
-    assert cls.layer == tok.layer == 1 and mean0.layer == 0
-    # layer -1 and layer 1 of a 2-block model are the same entry
-    assert load_features(run, "scenes:train:16", layer=1, pool="cls", progress=False).cache_hit
-    assert not torch.allclose(mean0.features, tok.features.float().mean(1), atol=1e-2)
-    assert torch.allclose(tok.features.float().mean(1), load_features(
-        run, "scenes:train:16", layer=1, pool="mean", progress=False).features, atol=2e-3)
-    # labels: scenes' label is the largest object's class; patch labels come from the maps
-    assert cls.has_labels and cls.labels.min() >= 0 and cls.labels.max() < 7 and cls.num_classes == 7
-    assert torch.equal(tok.patch_labels, patch_majority(tok.classes.long(), 8, 8))
-    with pytest.raises(ValueError, match="out of range"):
-        load_features(run, "scenes:train:16", layer=2, progress=False)
-
-
-def test_feature_cache_hit_and_invalidation(tmp_path):
-    run = _make_run(tmp_path / "run", seed=0)
-    kw = dict(epochs=3, progress=False)
-    first = run_probe(run, "linear", "scenes:train:48", "scenes:val:24", **kw)
-    second = run_probe(run, "linear", "scenes:train:48", "scenes:val:24", **kw)
+def test_run_probe_cache_hit_and_invalidation(tmp_path):
+    run = make_run(tmp_path / "run", tiny_model("mae_vit_tiny_patch8", seed=0))
+    cfg = _config("linear", "scenes:train:48", "scenes:val:24", epochs=3)
+    first = run_probe(run, cfg, progress=False)
+    second = run_probe(run, cfg, progress=False)
     assert not first["feature_cache_hit"] and second["feature_cache_hit"]
     for k in ("value", "best_lr", "grid", "chance", "n_train", "n_eval"):
         assert first[k] == second[k], k
-    entries = sorted(p.name for p in (run / "analysis" / "features").iterdir())
-    assert len(entries) == 2  # train and eval, cls pooling
-    before = load_features(run, "scenes:train:48", progress=False).features.clone()
+    assert len(list((run / "analysis" / "features").iterdir())) == 2  # train and eval, cls pooling
 
-    _make_run(run, seed=1)  # retrained: new weights in the same file
-    third = run_probe(run, "linear", "scenes:train:48", "scenes:val:24", **kw)
+    make_run(run, tiny_model("mae_vit_tiny_patch8", seed=1))  # retrained: new weights in the same file
+    third = run_probe(run, cfg, progress=False)
     assert not third["feature_cache_hit"] and third["weights"] != first["weights"]
-    after = load_features(run, "scenes:train:48", progress=False)
-    assert after.cache_hit and not torch.allclose(after.features, before)
-    # the entries of the old weights were pruned, the new ones replace them
-    assert len(list((run / "analysis" / "features").iterdir())) == 2
-    assert sorted(p.name for p in (run / "analysis" / "features").iterdir()) != entries
-
-
-def test_feature_cache_survives_partial_and_corrupt_entries(tmp_path):
-    run = _make_run(tmp_path / "run", seed=0)
-    f = load_features(run, "scenes:val:8", progress=False)
-    root = run / "analysis" / "features"
-    # a killed extraction leaves a hidden temp folder: never read, never in the way
-    (root / f".{f.path.name}.abc.tmp").mkdir()
-    assert load_features(run, "scenes:val:8", progress=False).cache_hit
-    # an entry whose arrays are gone or whose key does not match is rebuilt, not trusted
-    (f.path / "features.npy").unlink()
-    g = load_features(run, "scenes:val:8", progress=False)
-    assert not g.cache_hit and torch.allclose(g.features, f.features)
-    meta = json.loads((f.path / "meta.json").read_text())
-    meta["key"]["layer"] = 0
-    (f.path / "meta.json").write_text(json.dumps(meta))
-    assert not load_features(run, "scenes:val:8", progress=False).cache_hit
-    assert load_features(run, "scenes:val:8", progress=False).cache_hit
-
-
-def test_resolve_run_errors(tmp_path):
-    with pytest.raises(rmae.CheckpointError, match="no such run folder"):
-        resolve_run(tmp_path / "missing")
-    run = _make_run(tmp_path / "run", seed=0)
-    with pytest.raises(rmae.CheckpointError, match="not a run folder"):
-        resolve_run(run / "model.safetensors")
-    rw = resolve_run(run)
-    assert rw.depth == 2 and rw.image_size == 32 and rw.path == run / "model.safetensors"
-
-
-# ---------------------------------------------------------------------------------------------
-# end to end on a tiny model run folder
+    assert len(list((run / "analysis" / "features").iterdir())) == 2  # old entries pruned
 
 
 @pytest.mark.parametrize("probe", PROBES)
 def test_run_probe_end_to_end(run, probe):
-    r = run_probe(run, probe, "scenes:train:64", "scenes:val:32", epochs=3, progress=False)
+    r = run_probe(run, _config(probe, epochs=3), progress=False)
     assert r["probe"] == probe and r["key"] == RESULT_KEYS[probe]
     assert r["metric"] == ("miou" if probe == "dense" else "accuracy")
     assert 0.0 <= r["value"] <= 1.0 and 0.0 <= r["chance"] <= 1.0
@@ -355,66 +324,24 @@ def test_run_probe_end_to_end(run, probe):
         assert r["grid"][format(r["best_lr"], "g")] == max(r["grid"].values())
     if probe == "dense":
         assert r["num_classes"] == 8 and len(r["per_class_iou"]) == 8
+    else:
+        assert r["num_classes"] == 7
     on_disk = json.loads(Path(r["path"]).read_text())
     assert on_disk == r and Path(r["path"]).parent == run / "analysis" / "probes"
 
 
 def test_run_probe_sklearn_and_errors(run):
-    r = run_probe(run, "linear", "scenes:train:64", "scenes:val:32", solver="sklearn", progress=False)
+    r = run_probe(run, _config("linear", solver="sklearn"), progress=False)
     assert r["solver"] == "sklearn" and r["best_C"] in [float(c) for c in r["grid"]]
     assert Path(r["path"]).name.startswith("linear-sklearn_")
     assert default_eval_data("scenes:train:64") == "scenes:val:64"
     assert default_eval_data("scenes:train") == "scenes:val"
     with pytest.raises(ProbeError, match="--eval-data"):
-        run_probe(run, "linear", "photos", progress=False)
+        run_probe(run, _config("linear", "photos", None), progress=False)
     with pytest.raises(ProbeError, match="no image labels"):
-        run_probe(run, "linear", "photos", "photos", progress=False)
-    with pytest.raises(ProbeError, match="tokens"):
-        run_probe(run, "dense", "scenes:train:8", pool="cls", progress=False)
-    with pytest.raises(ProbeError, match="unknown probe"):
-        run_probe(run, "svm", "scenes:train:8", progress=False)
-
-
-def test_cli_probe_table_and_errors(run, capsys):
-    from rmae.cli import main
-
-    code = main(["probe", str(run), "--probe", "linear,knn", "--data", "scenes:train:64",
-                 "--eval-data", "scenes:val:32", "--epochs", "2", "--quiet"])
-    out = capsys.readouterr().out
-    assert code == 0
-    lines = out.splitlines()
-    assert lines[0].split()[:4] == ["run", "probe", "metric", "value"]
-    assert any(" linear " in l and "accuracy" in l for l in lines) and any(" knn " in l for l in lines)
-
-    code = main(["probe", str(run), "--probe", "linear", "--data", "scenes:train:8", "--layer", "7", "--quiet"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("rmae probe: error: layer 7 is out of range")
-    code = main(["probe", str(run), "--probe", "linear", "--data", "folder:/nonexistent/x", "--eval-data", "photos"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and err[-1].startswith("rmae probe: error:") and "/nonexistent/x" in err[-1]
-    code = main(["probe", str(run), "--probe", "linear", "--data", "scenes:train:8", "--lrs", "a,b"])
-    assert code == 2 and "--lrs" in capsys.readouterr().err
-
-
-def test_cli_help_teaches(capsys):
-    from rmae.cli import main
-
-    with pytest.raises(SystemExit) as e:
-        main(["probe", "--help"])
-    out = capsys.readouterr().out
-    assert e.value.code == 0
-    assert "examples:" in out and "rmae probe runs/mae" in out and "dense_miou" in out
-
-
-def test_extract_features_in_memory_matches_cache(run):
-    from analysis.features import extract_features
-
-    model = rmae.load_model(run)
-    mem = extract_features(model, "scenes:val:8", pool="tokens", progress=False)
-    cached = load_features(run, "scenes:val:8", pool="tokens", progress=False)
-    assert not mem.cache_hit and mem.path is None
-    assert torch.equal(mem.features, cached.features) and torch.equal(mem.patch_labels, cached.patch_labels)
-    assert mem.class_names == cached.class_names == list(rmae.data.SHAPES)
+        run_probe(run, _config("linear", "photos", "photos"), progress=False)
+    with pytest.raises(ProbeError, match="no ground-truth category maps"):
+        run_probe(run, _config("dense", "scenes:train:8", "photos"), progress=False)
 
 
 def test_run_probe_refuses_mismatched_class_folders(run, tmp_path):
@@ -429,7 +356,104 @@ def test_run_probe_refuses_mismatched_class_folders(run, tmp_path):
             (tmp_path / split / c).mkdir(parents=True)
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / split / c / f"{i}.png")
+    train, val = f"folder:{tmp_path / 'train'}", f"folder:{tmp_path / 'val'}"
     with pytest.raises(ProbeError, match="same classes"):
-        run_probe(run, "knn", f"folder:{tmp_path / 'train'}", f"folder:{tmp_path / 'val'}", progress=False)
-    r = run_probe(run, "knn", f"folder:{tmp_path / 'train'}", f"folder:{tmp_path / 'train'}", k=1, progress=False)
+        run_probe(run, _config("knn", train, val), progress=False)
+    r = run_probe(run, _config("knn", train, train, k=1), progress=False)
     assert r["value"] == 1.0  # k=1 on the training images themselves: each finds itself
+
+
+# ---------------------------------------------------------------------------------------------
+# device
+
+
+def test_device_cpu_never_touches_cuda(run, monkeypatch):
+    """The issue's bug: probes took CUDA whenever it existed, even when asked for the CPU. Here
+    CUDA claims to exist but has no driver, so any tensor sent there fails. (SGD throughout:
+    AdamW's own graph-capture check queries the claimed CUDA device.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for probe in PROBES:
+        cfg = _config(probe, epochs=1, optimizer=None if probe == "knn" else "sgd", device="cpu", cache=False)
+        r = run_probe(run, cfg, progress=False, write=False)
+        assert 0.0 <= r["value"] <= 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def _main(argv: list[str], capsys) -> tuple[int, list[str], list[str]]:
+    from rmae.cli import main
+
+    code = main(argv)
+    cap = capsys.readouterr()
+    return code, cap.out.strip().splitlines(), cap.err.strip().splitlines()
+
+
+def test_cli_probe_table_and_errors(run, capsys):
+    code, out, _ = _main(["probe", str(run), "--probe", "linear,knn", "--data", "scenes:train:64",
+                          "--eval-data", "scenes:val:32", "--epochs", "2", "--quiet"], capsys)
+    assert code == 0
+    assert out[0].split()[:4] == ["run", "probe", "metric", "value"]
+    assert any(" linear " in l and "accuracy" in l for l in out) and any(" knn " in l for l in out)
+
+    code, _, err = _main(["probe", str(run), "--probe", "linear", "--data", "scenes:train:8", "--layer", "7",
+                          "--quiet"], capsys)
+    assert code == 2 and err[-1].startswith("rmae probe: error: layer 7 is out of range")
+    code, _, err = _main(["probe", str(run), "--probe", "linear", "--data", "folder:/nonexistent/x",
+                          "--eval-data", "photos"], capsys)
+    assert code == 2 and err[-1].startswith("rmae probe: error:") and "/nonexistent/x" in err[-1]
+    code, _, err = _main(["probe", str(run), "--probe", "linear", "--data", "scenes:train:8", "--lrs", "a,b"],
+                         capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("rmae probe: error: probe settings: lrs")
+    code, _, err = _main(["probe", str(run), "--probe", "linear,svm", "--data", "scenes:train:8"], capsys)
+    assert code == 2 and len(err) == 1 and "probe='svm' is not one of linear, knn, attentive, dense" in err[0]
+    code, _, err = _main(["probe", str(run), "--data", "scenes:train:8"], capsys)
+    assert code == 2 and err == ["rmae probe: error: give the probe(s) to run: --probe NAME[,NAME] "
+                                 "(linear, knn, attentive, dense)"]
+    code, _, err = _main(["probe", str(run), "--probe", "knn", "--data", "scenes:train:8", "--device", "cuda"],
+                         capsys)
+    assert code == 2 and len(err) == 1 and "CUDA is not available" in err[0]
+
+
+def test_cli_settings_as_key_value(run, capsys):
+    """Every setting works as a flag or as key=value (typed by rmae.settings), comma lists in
+    either form; a bad value is one line and exit 2, before anything runs."""
+    opts = ["--data", "scenes:train:64", "--eval-data", "scenes:val:32", "--quiet", "--json"]
+    base = ["probe", str(run), *opts]
+    code, _, err = _main(["probe", str(run), "--probe", "linear", "--data", "scenes:train:64", "epochs=abc"], capsys)
+    assert code == 2 and err == ["rmae probe: error: probe settings: epochs='abc' is not a valid int | None"]
+
+    code, flag, _ = _main(base + ["--probe", "linear", "--epochs", "2", "--lrs", "0.01,0.1"], capsys)
+    assert code == 0
+    for argv in (base + ["--probe", "linear", "epochs=2", "lrs=0.01,0.1"],
+                 base + ["probe=linear", "epochs=2", "lrs=[0.01, 0.1]"],
+                 ["probe", str(run), "epochs=2", *opts, "--probe", "linear", "--lrs", "[0.01,0.1]"]):
+        code, out, _ = _main(argv, capsys)
+        words = argv[-4:]
+        assert code == 0 and len(out) == 1, words
+        a, b = json.loads(flag[0]), json.loads(out[0])
+        assert b["epochs"] == 2 and set(b["grid"]) == {"0.01", "0.1"}, words
+        assert (a["value"], a["grid"], a["path"]) == (b["value"], b["grid"], b["path"]), words
+
+    code, out, _ = _main(base + ["probe=[linear, knn]", "--pool", "mean", "epochs=1", "Cs=1,10"], capsys)
+    rows = [json.loads(l) for l in out]
+    assert code == 0 and [r["probe"] for r in rows] == ["linear", "knn"] and {r["pool"] for r in rows} == {"mean"}
+    code, out, _ = _main(base + ["--probe", "linear", "--solver", "sklearn", "--C", "1,10"], capsys)
+    assert code == 0 and set(json.loads(out[0])["grid"]) == {"1", "10"}
+    # --pool is for the probes that pool; the token probes read tokens whatever it says
+    code, out, _ = _main(base + ["--probe", "dense", "--pool", "mean", "epochs=1", "--no-cache"], capsys)
+    r = json.loads(out[0])
+    assert code == 0 and r["pool"] == "tokens" and r["feature_cache_hit"] is False
+
+
+def test_cli_help_teaches(capsys):
+    from rmae.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["probe", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "examples:" in out and "rmae probe runs/mae" in out and "dense_miou" in out
+    assert "AIM-style" in out and "no value bias and no LayerNorm" in out  # honest about the attentive probe
+    assert "extract_batch_size" in out and "--no-cache" in out  # every key, and the flags
