@@ -77,13 +77,14 @@ def test_a_tiny_study_gives_per_seed_values_across_seed_intervals_and_resumes(tm
     assert "## rmae − mae (seed-paired)" in report and "The paper's claims" in report
     # the same command again: nothing retrains (weights untouched), analyses kept
     weights = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").glob("*/checkpoints/*.safetensors")}
-    assert len(weights) == 4
+    logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "logs").glob("*.log")}
+    assert len(weights) == 4 and len(logs) == 4 + 4  # 4 trainings, 4 analyses
     r = _study(tmp_path)
     assert r.returncode == 0, r.stderr
-    assert {p: p.stat().st_mtime_ns for p in weights} == weights
-    assert not list((tmp_path / "s" / "logs").glob("train-*.log")) or all(
-        "already complete" in p.read_text() or p.stat().st_mtime_ns < min(weights.values()) for p in
-        (tmp_path / "s" / "logs").glob("train-*.log"))
+    assert {p: p.stat().st_mtime_ns for p in weights} == weights  # nothing retrained
+    assert {p: p.stat().st_mtime_ns for p in logs} == logs  # no job ran again: analyses were current
+    assert Results.load(tmp_path / "s" / "results.json").runs["rmae"].metrics["instance_mass"].value == \
+        res.runs["rmae"].metrics["instance_mass"].value
 
 
 def test_a_killed_study_resumes_without_retraining_finished_runs(tmp_path):

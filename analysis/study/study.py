@@ -99,7 +99,8 @@ def _analysis_current(run: PlannedRun, settings: dict[str, Any]) -> bool:
         return False
     try:
         weights = RunFolder(run.folder).weights_path()
-        return json.loads(stamp.read_text()) == {**settings, "weights": str(weights), "mtime": weights.stat().st_mtime_ns}
+        current = {**settings, "weights": str(weights), "mtime": weights.stat().st_mtime_ns}
+        return json.loads(stamp.read_text()) == json.loads(json.dumps(current))  # tuples as JSON lists
     except (UserError, OSError, ValueError):
         return False
 
