@@ -160,8 +160,9 @@ def _per_image(vals: dict[str, list], rec, inst: torch.Tensor | None, info: Enco
     vals["instance_mass"].append(ia.mass)
     vals["instance_leak"].append(ia.leak)
     vals["instance_jaccard"].append(ia.jaccard)
+    vals["instance_selectivity"].append(M.instance_selectivity(attn, inst, p, num_prefix=P))
     if info.has_cls:
-        vals["cls_jaccard"].append(M.cls_jaccard(attn, inst > 0, p, num_prefix=P))
+        vals["cls_jaccard"].append(M.cls_jaccard(attn, inst, p, num_prefix=P))
     found = M.tokencut(rec.keys[-1][:, P:], grid, p)
     vals["corloc"].append(M.corloc(found.boxes, boxes_from_instances(inst)))
 
@@ -215,7 +216,8 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
     per_image = attention_metrics({**models, **controls}, loader, precision=cfg.precision, progress=progress,
                                   on_batch=lambda name, *a: None if name in controls else overlay.take(name, *a))
     if not has_instances:
-        for key in ("instance_mass", "instance_leak", "instance_jaccard", "cls_jaccard", "corloc", "interactive_iou"):
+        for key in ("instance_mass", "instance_leak", "instance_jaccard", "instance_selectivity", "cls_jaccard", "corloc",
+                    "interactive_iou"):
             skipped[key] = f"{cfg.data} has no instance masks (use scenes:… or coco:…)"
     res = Results(data=str(cfg.data), n_images=len(loader.dataset), seed=cfg.seed, reference=ref,
                   per_image={n: dict(v) for n, v in per_image.items()})

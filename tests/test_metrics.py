@@ -268,19 +268,35 @@ def test_instance_awareness_per_image_nan_and_pooling():
     assert each.jaccard.shape == (2, 2, 3)
 
 
-def test_cls_jaccard():
-    inst = _two_instances()
-    owner = _owner_grid()
-    L = owner.numel()
-    fg = (owner > 0).double()
-    attn = _uniform(3, 2, L)
-    attn[0, :, 0, 1:] = 0.7 * fg / fg.sum()  # cls attends exactly the objects
-    attn[1, :, 0, 1:] = 0.7 * (1 - fg) / (1 - fg).sum()  # only background
-    fg_pixels = torch.cat([inst, inst, torch.zeros_like(inst)])
-    j = M.cls_jaccard(attn, fg_pixels, 4, mass=1.0)
-    assert j.shape == (3,)
-    assert j[0].item() == pytest.approx(1.0) and j[1].item() == 0 and torch.isnan(j[2])
-    assert M.cls_jaccard([attn, attn], fg_pixels > 0, 4, heads="each").shape == (3, 2, 2)
+def test_cls_jaccard_follows_dinos_protocol():
+    """Per head, at pixel resolution, the best head for each object, averaged over objects."""
+    # 8 × 16 px, 4-px patches: a 2 × 4 grid; object 1 = patches 0, 1; object 2 = patches 6, 7
+    inst = torch.zeros(1, 8, 16, dtype=torch.long)
+    inst[0, :4, :8], inst[0, 4:, 8:] = 1, 2
+    L = 8
+
+    def cls_rows(*rows):
+        a = torch.full((1, len(rows), 1 + L, 1 + L), 1.0 / (1 + L), dtype=torch.float64)
+        for h, patches in enumerate(rows):
+            a[0, h, 0] = 0.0
+            a[0, h, 0, [1 + p for p in patches]] = 1.0 / len(patches)
+        return a
+
+    # head 0 on object 1, head 1 on object 2: each object has its perfect head → 1. (The head-mean
+    # map against the union of objects — not DINO's protocol — would keep 3 of 4 equal patches: 0.75.)
+    assert M.cls_jaccard(cls_rows([0, 1], [6, 7]), inst, 4).item() == pytest.approx(1.0)
+    # best head per object: head 0 covers both objects, head 1 only object 1 →
+    # J1 = max(2/4, 1) = 1, J2 = max(2/4, 0) = 0.5 → 0.75
+    assert M.cls_jaccard(cls_rows([0, 1, 6, 7], [0, 1]), inst, 4, mass=1.0).item() == pytest.approx(0.75)
+    # pixel resolution: object 1 loses the left half of patch 0 → 24 of the 32 kept pixels
+    half = inst.clone()
+    half[0, :4, :2] = 0
+    assert M.cls_jaccard(cls_rows([0, 1], [6, 7]), half, 4).item() == pytest.approx((24 / 32 + 1) / 2)
+    # no objects: undefined; a sequence of layers stacks at dim 1
+    j = M.cls_jaccard([cls_rows([0, 1], [6, 7])] * 2, torch.zeros_like(inst), 4)
+    assert j.shape == (1, 2) and torch.isnan(j).all()
+    with pytest.raises(ValueError, match="integer instance map"):
+        M.cls_jaccard(cls_rows([0]), inst > 0, 4)
 
 
 # ------------------------------------------------------------------------------------------
@@ -307,17 +323,18 @@ def test_a_register_token_is_left_out_like_cls():
     a, b = M.instance_awareness(two, inst, 4, heads="each", num_prefix=2), M.instance_awareness(one, inst, 4, heads="each")
     for key, value in a.as_dict().items():
         torch.testing.assert_close(value, b.as_dict()[key], msg=key)
-    fg_pixels = inst > 0
-    j = M.cls_jaccard(two, fg_pixels, 4, mass=1.0, num_prefix=2)
-    torch.testing.assert_close(j, torch.ones(2, dtype=torch.float64))  # the register's row is one patch: J = 1/8
-    torch.testing.assert_close(j, M.cls_jaccard(one, fg_pixels, 4, mass=1.0))
+    j = M.cls_jaccard(two, inst, 4, mass=1.0, num_prefix=2)
+    # cls attends both objects' 8 patches (128 px): object 1 has 64 px in them, object 2 (a pixel
+    # row short) 60 px → J = (64/128 + 60/128) / 2 at pixel resolution
+    torch.testing.assert_close(j, torch.full((2,), (64 / 128 + 60 / 128) / 2, dtype=torch.float64))
+    torch.testing.assert_close(j, M.cls_jaccard(one, inst, 4, mass=1.0))
 
     # the register read as a patch: the grid does not fit, or the numbers move
     with pytest.raises(ValueError, match="1 prefix . 17 patches"):
         M.mean_attention_distance(two, (4, 4), 4, num_prefix=1)
     assert not torch.allclose(M.attention_entropy(two), M.attention_entropy(one))
     with pytest.raises(ValueError, match="cls token"):
-        M.cls_jaccard(one[..., 1:, 1:], fg_pixels, 4, num_prefix=0)
+        M.cls_jaccard(one[..., 1:, 1:], inst, 4, num_prefix=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -382,7 +399,8 @@ def _all_metrics(model, images: torch.Tensor, inst: torch.Tensor) -> dict[str, t
     found = M.discover_objects(model, images)
     return {"distance": M.mean_attention_distance(attn, grid, p, num_prefix=P),
             "entropy": M.attention_entropy(attn, num_prefix=P), "nmi": M.attention_nmi(attn, num_prefix=P),
-            **ia.as_dict(), "cls_jaccard": M.cls_jaccard(attn, inst, p, heads="each", num_prefix=P),
+            **ia.as_dict(), "cls_jaccard": M.cls_jaccard(attn, inst, p, num_prefix=P),
+            "selectivity": M.instance_selectivity(attn, inst, p, num_prefix=P),
             "boxes": found.boxes, "eigenvectors": found.eigenvectors, "corloc": M.corloc(found.boxes, boxes_from_instances(inst))}
 
 

@@ -7,7 +7,8 @@ renormalised, prefix tokens dropped, per-image values, NaN, float64) are in
 
 - :mod:`.attention` — attention distance, entropy, query–key NMI (pure functions);
 - :mod:`.dino` — DINO's keep-the-top-mass threshold and the cls-map Jaccard (pure);
-- :mod:`.instance` — instance-awareness against ground-truth instances (pure);
+- :mod:`.instance` — instance-awareness against ground-truth instances, and its locality-corrected
+  selectivity (pure);
 - :mod:`.cka` — linear CKA; :func:`layer_cka` runs two encoders;
 - :mod:`.discovery` — TokenCut and CorLoc; :func:`discover_objects` runs the encoder.
 
@@ -19,7 +20,7 @@ from .attention import attention_entropy, attention_nmi, mean_attention_distance
 from .cka import StreamingCKA, layer_cka, linear_cka
 from .dino import cls_jaccard, keep_mass_threshold
 from .discovery import TokenCut, box_iou, corloc, discover_objects, tokencut
-from .instance import InstanceAwareness, instance_awareness
+from .instance import InstanceAwareness, instance_awareness, instance_selectivity
 
 __all__ = [
     "InstanceAwareness",
@@ -32,6 +33,7 @@ __all__ = [
     "corloc",
     "discover_objects",
     "instance_awareness",
+    "instance_selectivity",
     "keep_mass_threshold",
     "layer_cka",
     "linear_cka",

@@ -4,6 +4,11 @@ R-MAE (Nguyen et al. 2023, Fig. 6) shows qualitatively that a query patch's atte
 concentrates on the query's instance; :func:`instance_awareness` measures it against
 ground-truth instance maps (patch ownership from :mod:`analysis.groundtruth`). Attention inputs
 follow :mod:`analysis.metrics._layers`.
+
+Mass, leak and Jaccard are descriptive: they reward locality as much as instance-awareness (a
+content-free 3×3 window scores a mass of 0.6 on an 8×8 grid with 3×3 instances). The metric with
+a direction is :func:`instance_selectivity`, which subtracts what the same attention rows score on
+other images' instance layouts at the same place — ≈ 0 for any content-free encoder.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from analysis.groundtruth import patch_ownership
 from ._layers import AttentionInput, HeadMode, Tensor, check_layer, map_layers, masked_query_mean, patch_rows
 from .dino import keep_mass_threshold
 
-__all__ = ["InstanceAwareness", "instance_awareness"]
+__all__ = ["InstanceAwareness", "instance_awareness", "instance_selectivity"]
 
 
 @dataclass
@@ -141,3 +146,57 @@ def instance_awareness(attn: AttentionInput, instances: Tensor, patch_size: int 
     res = map_layers(one, attn).movedim(-1, 0)
     return InstanceAwareness(mass=res[0], leak=res[1], background=res[2], jaccard=res[3],
                              num_queries=valid.sum(-1))
+
+
+def instance_selectivity(attn: AttentionInput, instances: Tensor, patch_size: int | Sequence[int], *,
+                         min_purity: float = 0.5, num_prefix: int = 1) -> Tensor:
+    """Own-instance attention mass beyond what the same attention scores on *other* images'
+    instance layouts at the same query position (new; the locality-corrected instance metric).
+
+    ``instance_mass`` rewards locality: instances are contiguous, so any attention concentrated
+    around the query — a content-free 3×3 window, a Gaussian — lands mostly on the query's own
+    instance. The null here keeps each attention row exactly as it is (its spatial profile around
+    the query) and breaks only its relation to the instance, by scoring it against the layouts of
+    the other images of the batch in which the same position is also inside an instance. With
+    ``ã_q`` the head-mean attention row of patch query ``q`` over patch keys (renormalised as in
+    every metric here), ``own_b(j)`` the owner of patch ``j`` in image ``b`` and ``V_b`` the valid
+    queries of image ``b`` (inside an instance with purity ≥ ``min_purity``)::
+
+        observed(b, q) = Σ_j ã_qj [own_b(j) = own_b(q)]
+        null(b, q)     = mean over c ≠ b with q ∈ V_c of  Σ_j ã_qj [own_c(j) = own_c(q)]
+        selectivity(b) = mean over q ∈ V_b that have such a c of  observed(b, q) − null(b, q)
+
+    Reference points: ≈ 0 for any content-free encoder (its rows do not depend on the image, so the
+    observed layout is just one more draw of the null's) however local it is; ≈ 0 for uniform
+    attention; positive when attention follows the query's own instance (the oracle that attends
+    exactly its instance scores 1 − the mean overlap of its instance with other images' instances
+    at the same place). Negative values mean attention avoids the own instance. Needs a batch of
+    at least two images with instances; NaN for an image with no usable query.
+
+    Args:
+        attn: ``[B, h, N, N]`` or a sequence of layers.
+        instances: int ``[B, H, W]`` pixel instance maps (0 = background).
+    Returns:
+        float64 ``[B]`` (one layer) or ``[B, layers]``.
+    """
+    owner, purity = patch_ownership(instances, patch_size)
+    B = owner.shape[0]
+    owner, purity = owner.reshape(B, -1), purity.reshape(B, -1)
+    L = owner.shape[1]
+    valid = (owner > 0) & (purity >= min_purity)  # [B, L]
+    same = ((owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] > 0)).double()  # [B, Lq, Lk]
+    others = valid[None, :, :] & ~torch.eye(B, dtype=torch.bool, device=owner.device)[:, :, None]  # [B, C, L]
+    n_null = others.sum(1)  # [B, L] layouts that score each query's null
+    usable = valid & (n_null > 0)
+
+    def one(a: Tensor) -> Tensor:
+        check_layer(a, num_prefix, L)
+        if a.shape[0] != B:
+            raise ValueError(f"attention batch {a.shape[0]} ≠ instance-map batch {B}")
+        p = patch_rows(a, num_prefix).mean(dim=1)  # [B, Lq, Lk], heads averaged
+        observed = (p * same).sum(-1)  # [B, L]
+        cross = torch.einsum("bqk,cqk->bcq", p, same)  # row of image b scored on layout c
+        null = (cross * others).sum(1) / n_null.clamp_min(1)
+        return masked_query_mean((observed - null)[:, None], usable)[:, 0]
+
+    return map_layers(one, attn)
