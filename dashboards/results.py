@@ -26,15 +26,18 @@ TABLE_METRICS: tuple[str, ...] = tuple(METRICS)
 
 def direction(name: str) -> str:
     """"higher is better", "lower is better", or "descriptive" (from the registry)."""
-    better = metric(name).better
-    return {1: "higher is better", -1: "lower is better"}.get(better, "descriptive")
+    return {1: "higher is better", -1: "lower is better"}.get(metric(name).better, "descriptive")
 
 
 def metric_help(name: str) -> str:
-    """One line for a column's tooltip / a figure's caption: description, unit, direction."""
+    """One line for a column's tooltip / a figure's caption: what is measured, and its direction."""
+    return f"{metric(name).description} — {direction(name)}."
+
+
+def figure_title(name: str) -> str:
+    """The registry's title, with an arrow when a direction is better (none for descriptive metrics)."""
     m = metric(name)
-    unit = f" ({m.unit})" if m.unit else ""
-    return f"{m.description}{unit}; {direction(name)}."
+    return m.title + {1: " (↑ better)", -1: " (↓ better)"}.get(m.better, "")
 
 
 # ------------------------------------------------------------------------------------------
@@ -73,8 +76,7 @@ def layer_figure(results: Results, name: str, runs: list[str]) -> go.Figure:
         x = list(range(1, len(ys) + 1))
         _band(fig, x, est.per_layer_ci or [], color, run)
         fig.add_trace(go.Scatter(x=x, y=ys, mode="lines+markers", name=run, legendgroup=run, line={"color": color}))
-    ytitle = f"{m.unit} · {direction(name)}" if m.unit else direction(name)
-    fig.update_layout(title=m.title, xaxis_title="layer", yaxis_title=ytitle, height=320, margin=_MARGIN,
+    fig.update_layout(title=figure_title(name), xaxis_title="layer", yaxis_title=m.unit, height=320, margin=_MARGIN,
                       legend={"orientation": "h", "y": -0.25})
     fig.update_xaxes(tickmode="linear", tick0=1, dtick=max(1, depth // 12))
     return fig

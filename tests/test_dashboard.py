@@ -317,8 +317,8 @@ def test_metrics_page_tables_and_curves(app):
     lines = {t["name"]: t["y"] for t in dist["data"] if t.get("mode") == "lines+markers"}
     assert lines == {"mae": [9.5, 11.25], "rmae": [7.0, 8.5]}
     assert sum(1 for t in dist["data"] if t.get("fill") == "toself") == 2  # CI bands
-    assert dist["layout"]["yaxis"]["title"]["text"] == "px · descriptive"  # unit and direction from the registry
-    assert any(c.value.startswith(metric("attention_distance").description) for c in at.caption)
+    assert dist["layout"]["yaxis"]["title"]["text"] == metric("attention_distance").unit == "px"
+    assert f"{metric('attention_distance').description} — descriptive." in [c.value for c in at.caption]
     inter = specs[titles.index("Interactive segmentation: IoU vs clicks")]
     assert [t["name"] for t in inter["data"] if t.get("mode") == "lines+markers"] == ["rmae", "baseline: fh"]
     assert any("CKA" in t for t in titles)

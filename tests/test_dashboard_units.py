@@ -288,7 +288,8 @@ def test_results_tables_and_figures(tmp_path):
     fig = R.layer_figure(loaded, "attention_entropy", ["a", "b"])
     assert [tr.name for tr in fig.data] == ["a 95 % CI", "a"]  # band only where the CI exists
     assert list(fig.data[0].x) == [1, 1] and list(fig.data[1].y) == [1.0, 2.0]
-    assert fig.layout.title.text == metric("attention_entropy").title
+    assert fig.layout.title.text == metric("attention_entropy").title and fig.layout.yaxis.title.text == "nats"
+    assert R.figure_title("cls_jaccard") == f"{metric('cls_jaccard').title} (↑ better)"  # a direction gets an arrow
     assert R.interactive_figure(loaded, ["a"]) is None
     assert [e["b"] for e in R.cka_entries(loaded)] == ["b"]  # the malformed entry is left out
     assert len(R.cka_entries(Results.from_json({"runs": {}, "cka": {"a": "x", "b": "y", "matrix": [[1]]}}))) == 1
@@ -296,7 +297,7 @@ def test_results_tables_and_figures(tmp_path):
     assert diff.loc["knn", "value [95 % CI]"] == "0.100 [0.050, 0.150]" and diff.loc["knn", "CI excludes 0"] == "yes"
     assert diff.loc["knn", "scope"] == "checkpoint" and diff.loc["linear_probe", "CI excludes 0"] == "no"
     assert R.direction("linear_probe") == "higher is better" and R.direction("attention_distance") == "descriptive"
-    assert metric("linear_probe").description in R.metric_help("linear_probe")
+    assert R.metric_help("linear_probe") == f"{metric('linear_probe').description} — higher is better."
 
 
 def test_interactive_figure_runs_and_baselines():
@@ -363,6 +364,23 @@ def test_jobs_log_status_and_one_per_report(tmp_path):
     status = _wait(board.start(report, [PY, "-c", "print('fine')"]))
     assert status.state == "done" and status.message == "" and (report / "analyze.log").read_text() == "fine\n"
     assert last_line(tmp_path / "nothing.log") == ""
+
+
+def test_jobs_end_with_the_dashboard_process(tmp_path):
+    """A dashboard process that exits (Streamlit stops this way on SIGTERM / Ctrl-C) takes its
+    running jobs with it."""
+    code = ("import sys, time\n"
+            "from dashboards.jobs import JobBoard\n"
+            f"job = JobBoard().start(__import__('pathlib').Path({str(tmp_path / 'r')!r}), "
+            "[sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+            "print(job.proc.pid, flush=True)\n")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=subprocess_env(tmp_path), timeout=120)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[0])
+    deadline = time.time() + 30
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        assert time.time() < deadline, "the job outlived the dashboard process"
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------------------------------
