@@ -11,7 +11,7 @@ import streamlit as st
 
 from dashboards import compute as C
 from dashboards import images as I
-from dashboards import state
+from dashboards import state, widgets
 
 HEAD_LABELS = {"mean": "mean over heads", "max": "max over heads"}
 
@@ -24,7 +24,7 @@ def _controls(ctx: state.Ctx, ref: state.LoadedRun, depth: int, heads: int) -> t
     """The query point (click or row/column), layer (1-based), heads and opacity."""
     grid = ref.info.grid
     st.session_state.setdefault("query", (0.5, 0.5))
-    point = state.new_click("q_click")
+    point = widgets.new_click("q_click")
     if point is not None:
         st.session_state["query"] = point
     qref = I.point_to_patch(st.session_state["query"], grid)
@@ -36,7 +36,7 @@ def _controls(ctx: state.Ctx, ref: state.LoadedRun, depth: int, heads: int) -> t
     c1, c2, c3 = st.columns([1.1, 1, 1])
     with c1:
         st.caption(f"Click a query patch ({ctx.source.label})")
-        state.clickable(I.draw_box(I.to_display(ctx.prepared(ref).image), I.patch_box(qref, grid)), "q_click")
+        widgets.clickable(I.draw_box(I.to_display(ctx.prepared(ref).image), I.patch_box(qref, grid)), "q_click")
     with c2:
         if not 1 <= int(st.session_state.get("layer", depth)) <= depth:
             st.session_state["layer"] = depth
@@ -90,7 +90,7 @@ def _instance_summary(rows: list[dict]) -> None:
 
 def render(ctx: state.Ctx) -> None:
     st.header("Attention explorer")
-    runs = state.need(ctx, 2)
+    runs = widgets.need(ctx, 2)
     if not runs:
         return
     depth = min(r.info.depth for r in runs)

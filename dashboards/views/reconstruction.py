@@ -9,7 +9,7 @@ import streamlit as st
 
 from dashboards import compute as C
 from dashboards import images as I
-from dashboards import state
+from dashboards import state, widgets
 
 PANELS = ["masked image", "pixel reconstruction", "original", "masked region", "region reconstruction", "original region"]
 
@@ -33,7 +33,7 @@ def _region_choice(ctx: state.Ctx, ref: I.Prepared, column) -> tuple[np.ndarray 
 
 def render(ctx: state.Ctx) -> None:
     st.header("Reconstruction")
-    runs = state.need(ctx, 1, requires="decoder")
+    runs = widgets.need(ctx, 1, requires="decoder")
     if not runs:
         return
     st.session_state.setdefault("mask_seed", 0)

@@ -9,7 +9,7 @@ import streamlit as st
 
 from dashboards import compute as C
 from dashboards import images as I
-from dashboards import state
+from dashboards import state, widgets
 
 
 def _clicks(ctx: state.Ctx, ref: state.LoadedRun) -> list[int]:
@@ -18,7 +18,7 @@ def _clicks(ctx: state.Ctx, ref: state.LoadedRun) -> list[int]:
     labels = [f"r{r}c{c}" for r in range(grid[0]) for c in range(grid[1])]
     st.session_state.setdefault("seg_patches", [])
     st.session_state["seg_patches"] = [p for p in st.session_state["seg_patches"] if p in labels]
-    point = state.new_click("seg_click")
+    point = widgets.new_click("seg_click")
     if point is not None:
         lab = labels[I.point_to_patch(point, grid)]
         cur = list(st.session_state["seg_patches"])
@@ -33,7 +33,7 @@ def _clicks(ctx: state.Ctx, ref: state.LoadedRun) -> list[int]:
         shown = I.to_display(ctx.prepared(ref).image)
         for q in clicks:
             shown = I.draw_box(shown, I.patch_box(q, grid), color=I.CLICK_COLOR)
-        state.clickable(shown, "seg_click")
+        widgets.clickable(shown, "seg_click")
     with c2:
         st.multiselect("Clicked patches (row, column)", labels, key="seg_patches")
         st.button("Clear clicks", key="seg_clear", on_click=clear)
@@ -77,7 +77,7 @@ def render(ctx: state.Ctx) -> None:
     st.header("Interactive segmentation")
     st.caption("Click patches of one object: they are the only visible patches of the region map; the region "
                "decoder predicts the rest (the whole image is visible to the pixel encoder).")
-    runs = state.need(ctx, 1, requires="region decoder")
+    runs = widgets.need(ctx, 1, requires="region decoder")
     if not runs:
         return
     grid = runs[0].info.grid
