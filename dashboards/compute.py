@@ -140,8 +140,9 @@ def region_stack(labels: np.ndarray, first: int, k: int) -> np.ndarray:
 
 def mask_noise(num_patches: int, seed: int) -> torch.Tensor:
     """Masking noise ``[1, L]`` from a seed: the same seed masks the same patches in every run
-    of the same grid, so runs are compared on the same visible patches."""
-    return torch.rand(1, num_patches, generator=torch.Generator().manual_seed(int(seed)))
+    of the same grid, so runs are compared on the same visible patches. Drawn on the CPU (the
+    same noise for a seed whatever the device); callers move it to the model."""
+    return torch.rand(1, num_patches, generator=torch.Generator().manual_seed(int(seed)), device="cpu")
 
 
 @torch.no_grad()

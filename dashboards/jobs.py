@@ -6,6 +6,8 @@ No Streamlit here; one board lives per dashboard process (``st.cache_resource``)
 
 - **Output**: the job's stdout and stderr go to ``REPORT/analyze.log``; a failed job's status
   carries the log's last line (``rmae analyze: error: …``, or a traceback's exception line).
+  The log and the lock file are opened with ``O_NOFOLLOW``: a symlink planted in the report
+  folder is refused (an ``OSError``), never followed out of the runs root.
 - **One job per report folder**: a job holds an exclusive ``flock`` on ``REPORT/.rmae-job.lock``
   until it is seen to end, so a second start — from another browser session or another
   dashboard process on the same runs root — is refused (:class:`JobBusyError`) instead of two
@@ -81,9 +83,12 @@ class Job:
         self.command = command
         self.started = time.time()
         self._lock_fd: int | None = lock_fd
-        with open(self.log, "wb") as log:  # the child keeps its own descriptor
+        log = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        try:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                          cwd=report_dir)
+        finally:
+            os.close(log)
         self.ended: float | None = None
         self._mutex = threading.Lock()  # sessions poll from their own threads
 
@@ -131,7 +136,7 @@ class JobBoard:
         report_dir = Path(report_dir)
         with self._mutex:
             report_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(report_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(report_dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -245,6 +245,40 @@ def test_reconstruction_and_clicks(model_and_image):
     assert inst2 is None and "FH" in how2 and np.array_equal(target2, seg == seg[r * 8 + 4, c * 8 + 4])
 
 
+def test_compute_follows_the_model_device(model_and_image):
+    """Every tensor the render path makes follows the model (here on the CPU) or the data: under
+    a ``meta`` default device, one made on the default device instead fails when it meets them."""
+    model, p = model_and_image
+    q = int(torch.nonzero(patch_ownership(torch.from_numpy(p.instances).long(), 8)[0].reshape(-1) > 0)[0])
+    target = C.target_for_clicks(p, [q], 8, (8, 8))[0]
+    torch.set_default_device("meta")
+    try:
+        attn = C.attention_stack(model, p)
+        views = C.attention_views(attn, 1, "mean", q, describe(model))
+        stats = C.instance_stats(C.query_row(attn, 1, "max", q), p.instances, 8, q)
+        panels = C.reconstruct(model, p, p.instances, 1, 0.75, seed=0)
+        prob = C.segment_from_clicks(model, p, target, [q])
+        base = C.baselines(p, [q], 8, (8, 8))
+    finally:
+        torch.set_default_device("cpu")
+    assert attn.shape == (3, 3, 65, 65) and np.isfinite(attn).all() and views["rollout"].shape == (8, 8)
+    assert stats["mass"] + stats["leak"] + stats["background"] == pytest.approx(1.0)
+    assert panels["original"].shape == (64, 64, 3) and prob.shape == (64, 64) and base["fh"].shape == (64, 64)
+
+
+@pytest.mark.xfail(strict=True, reason="rmae.data.to_tensor makes its mean/std tensors on the default device "
+                                       "(torch.tensor(mean)); under another default device it normalises wrongly")
+def test_prepared_input_does_not_depend_on_the_default_device(model_and_image):
+    _, p = model_and_image
+    expected = p.tensor()
+    torch.set_default_device("meta")
+    try:
+        got = p.tensor()
+    finally:
+        torch.set_default_device("cpu")
+    torch.testing.assert_close(got, expected)
+
+
 def test_upload_limits():
     from PIL import Image
 
@@ -364,6 +398,14 @@ def test_jobs_log_status_and_one_per_report(tmp_path):
     status = _wait(board.start(report, [PY, "-c", "print('fine')"]))
     assert status.state == "done" and status.message == "" and (report / "analyze.log").read_text() == "fine\n"
     assert last_line(tmp_path / "nothing.log") == ""
+    # a log planted as a symlink out of the report folder is refused, not followed
+    (report / "analyze.log").unlink()
+    (report / "analyze.log").symlink_to(tmp_path / "elsewhere.txt")
+    with pytest.raises(OSError):
+        board.start(report, [PY, "-c", "print('x')"])
+    assert not (tmp_path / "elsewhere.txt").exists()
+    (report / "analyze.log").unlink()
+    assert _wait(board.start(report, [PY, "-c", "pass"])).state == "done"  # the failed start freed the lock
 
 
 def test_jobs_end_with_the_dashboard_process(tmp_path):

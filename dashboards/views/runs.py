@@ -59,7 +59,7 @@ def _configs(ctx: state.Ctx, chosen: list[str]) -> None:
         try:
             configs[name] = ctx.root.run_folder(name).read_config()
         except (UnsafePathError, RunFolderError, OSError) as e:  # a broken config.yaml is shown as such
-            st.error(f"{name}/config.yaml: {e}")
+            st.error(f"Run **{name}**: {e}")
     if configs:
         table = R.config_table(configs, only)
         st.dataframe(table, height=min(36 * (len(table) + 1) + 4, 900))
