@@ -1,6 +1,8 @@
-"""The dashboard end to end: every page under ``streamlit.testing`` on tiny runs trained by the
-real trainer, asserting on the values shown, and a real browser (Debian chromium + Playwright)
-clicking a query patch on ``rmae dashboard``.
+"""The dashboard end to end: every page under ``streamlit.testing`` (pages switched as
+``st.navigation`` files) on tiny runs trained by the real trainer, asserting on the values shown —
+including a real ``rmae analyze`` background job started from the metrics page and polled until
+it ends — and a real browser (Debian chromium + Playwright) clicking a query patch on
+``rmae dashboard``.
 
 The runs root built once for the module holds: two trained runs (``mae``, ``rmae``), a run
 folder with a broken ``config.yaml``, a foreign folder whose "checkpoint" is not one, a symlink
