@@ -30,11 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 import rmae
+from analysis.encoder import EncoderInfo, describe
 from dashboards import compute as C
+from dashboards import images as I
 from rmae.data import build_dataset
+from rmae.runfolder import RunFolder
 
 SIZES = {
     "tiny": {"models": ["mae_vit_tiny_patch8", "rmae_vit_tiny_patch8"], "img_size": 64, "label": "ViT-Tiny/8 64²"},
@@ -43,15 +45,15 @@ SIZES = {
 
 
 def make_runs(root: Path, models: list[str], img_size: int) -> list[Path]:
+    """Run folders as ``rmae import`` writes them (through :class:`RunFolder`)."""
     out = []
     for name in models:
         torch.manual_seed(0)
         model = rmae.create_model(name, img_size=img_size)
-        run = root / name
-        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        rmae.save_model(model, run / "model.safetensors")
-        (run / "config.yaml").write_text(yaml.safe_dump({"model": name, "model_config": model.config.to_dict()}))
-        out.append(run)
+        run = RunFolder(root / name).create("import")
+        run.write_config({"model": name}, model.config.to_dict())
+        rmae.save_model(model, run.model_path)
+        out.append(run.root)
     return out
 
 
@@ -64,14 +66,15 @@ def median_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def render_once(attn_pickled: bytes, prepared: C.Prepared, layer: int, how: str, query: int, grid, patch) -> None:
+def render_once(attn_pickled: bytes, prepared: I.Prepared, layer: int, how: str, query: int, info: EncoderInfo) -> None:
     """What the explorer does per run on a cache hit."""
     attn = pickle.loads(attn_pickled)  # st.cache_data hands back a copy (unpickled)
-    views = C.attention_views(attn, layer, how, query, grid)
-    C.instance_stats(C.query_row(attn, layer, how, query), prepared.instances, patch, query)
-    box = C.patch_box(query, grid)
+    views = C.attention_views(attn, layer, how, query, info)
+    C.instance_stats(C.query_row(attn, layer, how, query, info.num_prefix_tokens), prepared.instances,
+                     info.patch_size, query)
+    box = I.patch_box(query, info.grid)
     for name, amap in views.items():
-        C.png_bytes(C.overlay(prepared.image, amap, 0.6, box=box if name != "CLS" else None))
+        I.png_bytes(I.overlay(prepared.image, amap, 0.6, box=box if name != "CLS" else None))
 
 
 def bench_functions(size: str, runs: list[Path], repeats: int) -> dict:
@@ -82,35 +85,35 @@ def bench_functions(size: str, runs: list[Path], repeats: int) -> dict:
     t = time.perf_counter()
     models = [rmae.load_model(r).eval() for r in runs]
     res["load 2 models (s)"] = time.perf_counter() - t
-    prepared = C.prepare(s["image"], s["instances"], spec["img_size"])
+    prepared = I.prepare(s["image"], s["instances"], spec["img_size"])
     t = time.perf_counter()
     stacks = [C.attention_stack(m, prepared) for m in models]
     res["attention, all layers, 2 runs, first view (ms)"] = (time.perf_counter() - t) * 1000
     blobs = [pickle.dumps(a, protocol=pickle.HIGHEST_PROTOCOL) for a in stacks]
     res["attention array per run (MiB)"] = stacks[0].nbytes / 2**20
-    m0 = models[0]
-    grid, patch = C.grid_of(m0), m0.patch_size
-    depth = m0.config.depth
+    info = describe(models[0])
+    depth, L = info.depth, info.grid[0] * info.grid[1]
     res["cache hit: unpickle attention (ms/run)"] = median_ms(lambda: pickle.loads(blobs[0]), repeats)
     rng = np.random.default_rng(0)
-    changes = [(int(rng.integers(depth)), str(rng.choice(["mean", "max", "0"])), int(rng.integers(m0.num_patches)))
+    changes = [(int(rng.integers(depth)), str(rng.choice(["mean", "max", "0"])), int(rng.integers(L)))
                for _ in range(repeats)]
     it = iter(changes * 2)
 
     def two_runs():
         layer, how, q = next(it)
         for b in blobs:
-            render_once(b, prepared, layer, how, q, grid, patch)
+            render_once(b, prepared, layer, how, q, info)
 
     res["render path, 2 runs, changed layer/head/query (ms)"] = median_ms(two_runs, repeats)
     attn = stacks[0]
     res["  of which 3 maps incl. rollout (ms/run)"] = median_ms(
-        lambda: C.attention_views(attn, depth - 1, "mean", 5, grid), repeats)
+        lambda: C.attention_views(attn, depth - 1, "mean", 5, info), repeats)
     res["  of which instance numbers (ms/run)"] = median_ms(
-        lambda: C.instance_stats(C.query_row(attn, depth - 1, "mean", 5), prepared.instances, patch, 5), repeats)
-    views = C.attention_views(attn, depth - 1, "mean", 5, grid)
+        lambda: C.instance_stats(C.query_row(attn, depth - 1, "mean", 5, info.num_prefix_tokens), prepared.instances,
+                                 info.patch_size, 5), repeats)
+    views = C.attention_views(attn, depth - 1, "mean", 5, info)
     res["  of which 3 overlays + PNG (ms/run)"] = median_ms(
-        lambda: [C.png_bytes(C.overlay(prepared.image, a, 0.6)) for a in views.values()], repeats)
+        lambda: [I.png_bytes(I.overlay(prepared.image, a, 0.6)) for a in views.values()], repeats)
     return res
 
 

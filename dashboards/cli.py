@@ -1,4 +1,4 @@
-"""``rmae dashboard --runs DIR [--port N] [--host 127.0.0.1]`` (an ``rmae.commands`` plugin)."""
+"""``rmae dashboard --runs DIR [--port N] [--host 127.0.0.1] [--device auto]`` (an ``rmae.commands`` plugin)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .compute import MAX_UPLOAD_BYTES
+from rmae.device import DEVICE_FORMS, DeviceError, resolve_device
+
+from .images import MAX_UPLOAD_BYTES
 
 APP = Path(__file__).with_name("app.py")
 
@@ -20,7 +22,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def build_command(runs: str | Path, port: int = 8501, host: str = "127.0.0.1") -> list[str]:
+def build_command(runs: str | Path, port: int = 8501, host: str = "127.0.0.1", device: str = "auto") -> list[str]:
     """The ``streamlit run`` command line (headless, no usage statistics, no file watcher)."""
     return [
         sys.executable, "-m", "streamlit", "run", str(APP),
@@ -35,7 +37,7 @@ def build_command(runs: str | Path, port: int = 8501, host: str = "127.0.0.1") -
         "--browser.gatherUsageStats", "false",
         "--client.toolbarMode", "minimal",
         "--theme.base", "light",
-        "--", "--runs", str(runs),
+        "--", "--runs", str(runs), "--device", device,
     ]
 
 
@@ -54,11 +56,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"rmae dashboard: --runs {args.runs}: not a folder. Point it at the folder holding your run "
               "folders (e.g. the output of `rmae demo`).", file=sys.stderr)
         return 2
+    try:
+        device = str(resolve_device(args.device))
+    except DeviceError as e:
+        print(f"rmae dashboard: error: {e}", file=sys.stderr)
+        return 2
     port = args.port if args.port else free_port(args.host)
     if not _is_loopback(args.host):
         print(f"rmae dashboard: warning: serving on {args.host}, reachable from other machines; the dashboard "
               "has no authentication.", file=sys.stderr)
-    cmd = build_command(runs.resolve(), port, args.host)
+    cmd = build_command(runs.resolve(), port, args.host, device)
     print(f"rmae dashboard: runs root {runs.resolve()}\n  open http://{args.host}:{port}  (Ctrl-C stops it)", flush=True)
     try:
         return subprocess.call(cmd)
@@ -73,6 +80,8 @@ def register(subparsers) -> None:
     p.add_argument("--runs", required=True, help="folder holding run folders (e.g. the output of `rmae demo`)")
     p.add_argument("--port", type=int, default=8501, help="port (0 = any free port; default 8501)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--device", default="auto", help=f"where the models run: {DEVICE_FORMS} (default auto: CUDA, "
+                   "else MPS, else CPU)")
     p.set_defaults(func=run)
 
 

@@ -1,31 +1,36 @@
 """The runs root: the only part of the file system the dashboard reads.
 
 Every path the app opens goes through :meth:`RunsRoot.inside`, which resolves it (symlinks
-included) and refuses anything that ends up outside the root. Widgets never carry paths: they
-carry names (relative paths) chosen from what :meth:`RunsRoot.discover` found, and those names
-are resolved again when used. A run folder whose files are symlinks leaving the root is
-refused as a whole (:meth:`RunsRoot.check_run`), so ``rmae.load_model`` never follows them.
+included) and refuses anything that ends up outside the root — paths typed by nobody (widgets
+carry names chosen from what :meth:`RunsRoot.discover` found, resolved again when used) and paths
+that come from files (the weights file ``checkpoints/latest.json`` names). A run folder whose files
+are symlinks leaving the root is refused as a whole (:meth:`RunsRoot.check_run`), so the model
+loader never follows them.
+
+What a run folder holds and how its files read is :class:`rmae.runfolder.RunFolder`'s business;
+this module only decides whether the dashboard may open them.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
+from rmae.errors import RunFolderError, UserError
+from rmae.runfolder import RunFolder
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: folders never searched for runs or images
 SKIP_DIRS = {"__pycache__", "node_modules", ".git", "cache", ".cache", "checkpoints", "figures"}
 REPORTS_DIR = "reports"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+#: entries of checkpoints/ and analysis/ checked per run (a folder of thousands is not a run)
+MAX_CHECKED = 500
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(UserError, ValueError):
     """A path that resolves outside the runs root (``..``, absolute paths, escaping symlinks)."""
 
 
@@ -54,9 +59,11 @@ class Discovery:
     rejected: list[str] = field(default_factory=list)  # "name → target" of escaping symlinks
 
 
-def _is_run_folder(path: Path) -> bool:
-    return ((path / "config.yaml").is_file() or (path / "checkpoints").is_dir()
-            or (path / "model.safetensors").is_file())
+def looks_like_run(path: Path) -> bool:
+    """A run folder, or a folder with ``checkpoints/`` but no pointer: shown (and its loading
+    error explained when selected) rather than hidden."""
+    run = RunFolder(path)
+    return run.is_run() or run.checkpoints.is_dir()
 
 
 class RunsRoot:
@@ -89,23 +96,40 @@ class RunsRoot:
 
     def check_run(self, path: Path) -> None:
         """Refuse a run folder if any file the loaders may read resolves outside the root."""
-        candidates = [path / "config.yaml", path / "metrics.jsonl", path / "model.safetensors"]
-        for sub in ("checkpoints", "analysis"):
-            d = path / sub
+        run = RunFolder(path)
+        candidates = [run.config_path, run.metrics_path, run.model_path]
+        for d in (run.checkpoints, run.analysis):
             if d.is_symlink() and not self.is_inside(d):
-                raise UnsafePathError(f"{self.rel(path)}/{sub} is a symlink leaving the runs root (refused)")
+                raise UnsafePathError(f"{self.rel(path)}/{d.name} is a symlink leaving the runs root (refused)")
             if d.is_dir():
-                candidates.extend(sorted(d.iterdir())[:500])
+                candidates.extend(sorted(d.iterdir())[:MAX_CHECKED])
         for c in candidates:
             if (c.exists() or c.is_symlink()) and not self.is_inside(c):
                 raise UnsafePathError(f"{self.rel(path)}/{c.relative_to(path)} is a symlink leaving the runs root "
                                       "(refused: the dashboard reads only files under --runs)")
+
+    def run_folder(self, name: str) -> RunFolder:
+        """The run folder ``name`` (relative to the root), resolved and checked now, at use."""
+        path = self.inside(name)
+        self.check_run(path)
+        return RunFolder(path)
+
+    def weights(self, run: RunFolder) -> Path:
+        """The weights file the run's ``latest.json`` (or its layout) names, confined to the root."""
+        return self.inside(run.weights_path())
 
     def rel(self, path: Path) -> str:
         try:
             return path.relative_to(self.root).as_posix() or "."
         except ValueError:
             return str(path)
+
+    def report_dir(self, name: str) -> Path:
+        """``<root>/reports/<name>`` for a user-typed report name (a plain name only)."""
+        if not NAME_RE.match(name or ""):
+            raise UnsafePathError(f"report name {name!r}: use letters, digits, '_', '-' or '.' (up to 64), "
+                                  "e.g. mae-vs-rmae")
+        return self.inside(Path(REPORTS_DIR) / name)
 
     # -- discovery ----------------------------------------------------------------------------
 
@@ -143,11 +167,11 @@ class RunsRoot:
                 if real in seen:
                     continue
                 seen.add(real)
-                if _is_run_folder(e):
+                if looks_like_run(e):
                     found.runs.append(self._entry(e))
-                    res = e / "analysis" / "results.json"
+                    res = RunFolder(e).analysis_dir("results.json")
                     if res.is_file() and self.is_inside(res):
-                        found.reports.append(self.rel(e / "analysis"))
+                        found.reports.append(self.rel(res.parent))
                 elif depth + 1 <= max_depth:
                     queue.append((e, depth + 1))
             if has_images and folder != self.root and len(found.image_folders) < limit:
@@ -160,22 +184,23 @@ class RunsRoot:
         entry = RunEntry(self.rel(path), path)
         try:
             self.check_run(path)
+            run = RunFolder(path)
+            if not run.config_path.exists():
+                return entry
+            cfg = run.read_config()
+            mc = run.model_config()
         except UnsafePathError as e:
             entry.problem = str(e)
             return entry
-        cfg_file = path / "config.yaml"
-        if cfg_file.is_file():
-            try:
-                cfg = yaml.safe_load(cfg_file.read_text()) or {}
-                mc = cfg.get("model_config") if isinstance(cfg, dict) else None
-                if isinstance(mc, dict):
-                    entry.family = mc.get("family")
-                    entry.model = mc.get("name") or cfg.get("model")
-                    entry.img_size = mc.get("img_size")
-                elif isinstance(cfg, dict):
-                    entry.model = cfg.get("model")
-            except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
-                entry.problem = f"{entry.name}/config.yaml is not valid YAML ({type(e).__name__}); fix or delete it"
+        except RunFolderError as e:  # its message names the file by absolute path: show the run's name
+            entry.problem = str(e).replace(str(path), entry.name)
+            return entry
+        if isinstance(mc, dict):
+            entry.family = mc.get("family")
+            entry.model = mc.get("name") or cfg.get("model")
+            entry.img_size = mc.get("img_size")
+        else:
+            entry.model = cfg.get("model")
         return entry
 
     def images_in(self, rel_folder: str, limit: int = 500) -> list[str]:
@@ -188,58 +213,3 @@ class RunsRoot:
                 if len(out) >= limit:
                     break
         return out
-
-    # -- run files ----------------------------------------------------------------------------
-
-    def fingerprint(self, path: Path) -> str:
-        """Changes whenever the run's weights or config change (cache key for models)."""
-        parts = []
-        for f in [path / "config.yaml", path / "model.safetensors", path / "checkpoints" / "latest.json",
-                  *sorted((path / "checkpoints").glob("*.safetensors"))]:
-            try:
-                st = f.stat()
-                parts.append(f"{f.name}:{st.st_mtime_ns}:{st.st_size}")
-            except OSError:
-                continue
-        return "|".join(parts)
-
-    def report_dir(self, name: str) -> Path:
-        """``<root>/reports/<name>`` for a user-typed report name (a plain name only)."""
-        if not NAME_RE.match(name or ""):
-            raise UnsafePathError(f"report name {name!r}: use letters, digits, '_', '-' or '.' (up to 64), "
-                                  "e.g. mae-vs-rmae")
-        return self.inside(Path(REPORTS_DIR) / name)
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    cfg_file = path / "config.yaml"
-    if not cfg_file.is_file():
-        return {}
-    data = yaml.safe_load(cfg_file.read_text())
-    return data if isinstance(data, dict) else {}
-
-
-def read_metrics(path: Path, limit: int = 200_000) -> tuple[list[dict[str, Any]], int]:
-    """``metrics.jsonl`` → (rows, number of unreadable lines skipped). A run still being written
-    may end in a partial line; it is skipped, not fatal."""
-    f = path / "metrics.jsonl"
-    rows, bad = [], 0
-    if not f.is_file():
-        return rows, 0
-    with f.open("r", errors="replace") as fh:
-        for i, line in enumerate(fh):
-            if i >= limit:
-                break
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                bad += 1
-                continue
-            if isinstance(obj, dict):
-                rows.append(obj)
-            else:
-                bad += 1
-    return rows, bad

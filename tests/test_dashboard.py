@@ -1,6 +1,8 @@
-"""The dashboard end to end: every page under ``streamlit.testing`` on tiny runs trained by the
-real trainer, asserting on the values shown, and a real browser (Debian chromium + Playwright)
-clicking a query patch on ``rmae dashboard``.
+"""The dashboard end to end: every page under ``streamlit.testing`` (pages switched as
+``st.navigation`` files) on tiny runs trained by the real trainer, asserting on the values shown —
+including a real ``rmae analyze`` background job started from the metrics page and polled until
+it ends — and a real browser (Debian chromium + Playwright) clicking a query patch on
+``rmae dashboard``.
 
 The runs root built once for the module holds: two trained runs (``mae``, ``rmae``), a run
 folder with a broken ``config.yaml``, a foreign folder whose "checkpoint" is not one, a symlink
@@ -24,24 +26,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import IMG, TINY_TRAIN
 
 import rmae
-from analysis.attention import AttentionExtractor
-from analysis.interactive import iou as iou_t
+from analysis.encoder import attention_pass
+from analysis.groundtruth import patch_ownership
 from analysis.interactive import predict_from_clicks
-from analysis.metrics import keep_mass_threshold, patch_ownership
+from analysis.metrics import keep_mass_threshold
+from analysis.registry import metric
 from rmae.data import JointCenterCrop, build_dataset, to_tensor
+from rmae.evaluation import binary_iou
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
 CHROMIUM = "/usr/bin/chromium"
-IMG = 32  # fixture runs: ViT-Tiny/8 at 32² → a 4×4 grid, depth 2
+#: the page files (AppTest switches pages by file, relative to app.py)
+PAGE_FILES = {"Attention explorer": "views/attention.py", "Reconstruction": "views/reconstruction.py",
+              "Interactive segmentation": "views/segmentation.py", "Metrics and probes": "views/metrics.py",
+              "Runs": "views/runs.py"}
 
 
 def _train(out: Path, model: str, cache: Path) -> None:
     from rmae.train import load_config, pretrain
 
-    cfg = load_config("demo", [f"model={model}", f"img_size={IMG}", "depth=2", "decoder_depth=1",
-                               "data=scenes:train:16", "batch_size=8", "steps=3", "num_workers=0",
+    # its own runs (not conftest's trained_runs): the Runs page is checked against a log of every step
+    cfg = load_config("demo", [f"model={model}", *TINY_TRAIN, "data=scenes:train:16", "batch_size=8", "steps=3",
                                "checkpoint_every=3", "log_every=1", f"region_cache={cache}"])
     pretrain(cfg, out, progress=False)
 
@@ -119,7 +127,7 @@ def _df(at, column: str):
 
 
 def _page(at, name):
-    at.sidebar.radio(key="page").set_value(name).run()
+    at.switch_page(PAGE_FILES[name]).run()
     assert not at.exception, at.exception
     return at
 
@@ -132,7 +140,7 @@ def _scene(index: int, size: int = IMG):
 
 def _inside_query(instances: np.ndarray, patch: int = 8) -> tuple[int, int]:
     """A patch whose owner is an instance and which is ≥ 75 % inside it."""
-    owner, purity = patch_ownership(torch.from_numpy(instances).long(), patch)
+    owner, purity = patch_ownership(torch.from_numpy(instances).long(), patch)  # [gh, gw]
     cand = torch.nonzero((owner > 0) & (purity >= 0.75))
     assert len(cand), "fixture scene has no patch inside an instance"
     r, c = cand[0].tolist()
@@ -140,9 +148,9 @@ def _inside_query(instances: np.ndarray, patch: int = 8) -> tuple[int, int]:
 
 
 def _expected_instance_stats(run: Path, img, inst, layer: int, r: int, c: int, head="mean"):
-    """Independent of dashboards.compute: extractor → renormalised row → sums over the owner mask."""
+    """Independent of dashboards.compute: attention pass → renormalised row → sums over the owner mask."""
     model = rmae.load_model(run).eval()
-    attn = AttentionExtractor(model)(to_tensor(img)[None])[layer][0]  # [h, N, N]
+    attn = attention_pass(model, to_tensor(img)[None])[1].weights[layer][0]  # [h, N, N]
     gw = IMG // 8
     q = r * gw + c
     rows = attn[:, 1 + q, 1:].double()
@@ -275,7 +283,7 @@ def test_interactive_segmentation_iou(app, runs_root):
     owner, _ = patch_ownership(torch.from_numpy(inst).long(), 8)
     target = torch.from_numpy(inst == int(owner[r, c]))[None]
     prob = predict_from_clicks(model, to_tensor(img)[None], target, torch.tensor([[r * 4 + c]]))
-    expected = iou_t(prob > 0.5, target).item()
+    expected = binary_iou(prob > 0.5, target).item()
     table = at.dataframe[0].value
     assert list(table.index) == ["rmae"]
     assert table.loc["rmae", "IoU"] == pytest.approx(expected, abs=1e-3)
@@ -295,21 +303,24 @@ def test_interactive_segmentation_iou(app, runs_root):
 def test_metrics_page_tables_and_curves(app):
     at = _page(app, "Metrics and probes")
     assert at.selectbox(key="report").value == "reports/fixture"
-    table = _df(at, "linear probe")
-    assert table.loc["rmae", "linear probe"] == "0.612 [0.580, 0.640]"
-    assert table.loc["mae", "linear probe"] == "0.712 [0.690, 0.735]"
-    assert table.loc["mae", "dense mIoU"] == "0.200"  # no CI
-    assert table.loc["mae", "attentive probe"] == "—"  # null in the file
-    assert table.loc["rmae", "k-NN"] == "—"  # missing in the file
-    assert table.loc["rmae", "Mean attention distance"] == "8.500 [8.490, 8.510]"
+    linear, dense = metric("linear_probe").title, metric("dense_miou").title
+    table = _df(at, linear)
+    assert table.loc["rmae", linear] == "0.612 [0.580, 0.640]"
+    assert table.loc["mae", linear] == "0.712 [0.690, 0.735]"
+    assert table.loc["mae", dense] == "0.200"  # no CI
+    assert table.loc["mae", metric("attentive_probe").title] == "—"  # null in the file
+    assert table.loc["rmae", metric("knn").title] == "—"  # missing in the file
+    assert table.loc["rmae", metric("attention_distance").title] == "8.500 [8.490, 8.510]"
     charts = at.get("plotly_chart")
     specs = [json.loads(ch.proto.spec) for ch in charts]
     titles = [s["layout"]["title"]["text"] for s in specs]
-    assert "Mean attention distance" in titles and "Instance mass (own instance)" in titles
-    dist = specs[titles.index("Mean attention distance")]
+    assert metric("attention_distance").title in titles and metric("instance_mass").title in titles
+    dist = specs[titles.index(metric("attention_distance").title)]
     lines = {t["name"]: t["y"] for t in dist["data"] if t.get("mode") == "lines+markers"}
     assert lines == {"mae": [9.5, 11.25], "rmae": [7.0, 8.5]}
     assert sum(1 for t in dist["data"] if t.get("fill") == "toself") == 2  # CI bands
+    assert dist["layout"]["yaxis"]["title"]["text"] == metric("attention_distance").unit == "px"
+    assert f"{metric('attention_distance').description} — descriptive." in [c.value for c in at.caption]
     inter = specs[titles.index("Interactive segmentation: IoU vs clicks")]
     assert [t["name"] for t in inter["data"] if t.get("mode") == "lines+markers"] == ["rmae", "baseline: fh"]
     assert any("CKA" in t for t in titles)
@@ -317,7 +328,41 @@ def test_metrics_page_tables_and_curves(app):
     assert diff.set_index("metric").loc["linear_probe", "value [95 % CI]"] == "-0.100 [-0.130, -0.070]"
     assert diff.set_index("metric").loc["instance_mass", "CI excludes 0"] == "yes"
     at.multiselect(key="report_runs").set_value(["rmae"]).run()
-    assert list(_df(at, "linear probe").index) == ["rmae"]
+    assert list(_df(at, linear).index) == ["rmae"]
+
+
+def test_metrics_page_warns_about_wrong_types_and_shows_the_rest(app, runs_root):
+    """A results.json with a string where a number belongs, a list where a mapping belongs and a
+    per-layer list that is not one: a warning names them, and everything else is shown."""
+    doc = _results(runs_root)
+    doc["runs"]["mae"]["metrics"]["linear_probe"] = {"value": "high", "ci": [0.1, 0.2]}
+    doc["runs"]["mae"]["metrics"]["instance_mass"]["per_layer"] = "rising"
+    doc["runs"]["rmae"]["metrics"] = [1, 2, 3]
+    doc["differences"] = ["not", "a", "mapping"]
+    folder = runs_root / "reports" / "wrong-types"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(doc))
+    at = _page(app, "Metrics and probes")
+    at.sidebar.button(key="rescan").click().run()
+    at.selectbox(key="report").set_value("reports/wrong-types").run()
+    assert not at.exception, at.exception
+    warning = [w.value for w in at.warning if "wrong type" in w.value]
+    assert len(warning) == 1
+    for part in ("run mae / linear_probe", "'high'", "run mae / instance_mass: per_layer is not a list",
+                 "run rmae: metrics is not a mapping", "differences: not a mapping"):
+        assert part in warning[0], (part, warning[0])
+    table = _df(at, metric("linear_probe").title)
+    assert table.loc["mae", metric("linear_probe").title] == "—"
+    assert table.loc["mae", metric("knn").title] == "0.500 [0.450, 0.550]"  # the rest of the run stays
+    assert table.loc["rmae", metric("attention_distance").title] == "—" and table.loc["rmae", "family"] == "rmae"
+    specs = [json.loads(ch.proto.spec) for ch in at.get("plotly_chart")]
+    titles = [sp["layout"]["title"]["text"] for sp in specs]
+    dist = specs[titles.index(metric("attention_distance").title)]
+    assert {t["name"] for t in dist["data"] if t.get("mode") == "lines+markers"} == {"mae"}
+    assert metric("instance_mass").title not in titles  # its only per-layer list was junk
+    assert any("CKA" in t for t in titles)
+    assert not any("CI excludes 0" in d.value.columns for d in at.dataframe)  # no differences table
+    shutil.rmtree(folder)
 
 
 def test_metrics_page_refuses_unsafe_report_names(app):
@@ -328,34 +373,75 @@ def test_metrics_page_refuses_unsafe_report_names(app):
     assert not at.exception
 
 
+def _running(at) -> bool:
+    return any(i.value.startswith("Analysing in the background") for i in at.info)
+
+
 def test_metrics_page_computes_what_is_missing(app, runs_root):
     at = _page(app, "Metrics and probes")
     md = [m.value for m in at.markdown if m.value.startswith("Missing from this report")][0]
     assert "- **mae**: " in md and "- **rmae**: " in md
     rmae_line = md.split("- **rmae**: ")[1].split("\n")[0]
     assert "knn" in rmae_line and "linear_probe" not in rmae_line  # the fixture report has rmae's linear probe only
+    assert "interactive_iou" not in md.split("- **mae**: ")[1].split("\n")[0]  # no region decoder: not expected
     at.number_input(key="an_n").set_value(8).run()
     at.text_input(key="an_name").set_value("fromapp").run()
     at.multiselect(key="an_probes").set_value([]).run()
     at.button(key="an_go").click().run()
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
-    out = runs_root / "reports" / "fromapp" / "results.json"
-    assert out.is_file()
+    # the analysis runs in the background: the page comes back at once and says so
+    report = runs_root / "reports" / "fromapp"
+    deadline = time.time() + 600
+    while _running(at):
+        assert at.button(key="an_go").disabled  # one job per session at a time
+        assert time.time() < deadline, (report / "analyze.log").read_text()
+        time.sleep(1)
+        at.run()
+        assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error] + [(report / "analyze.log").read_text()]
+    out = report / "results.json"
+    assert out.is_file() and (report / "analyze.log").is_file()
     results = json.loads(out.read_text())
     assert set(results["runs"]) == {"mae", "rmae"} and results["n_images"] == 8
-    assert any(s.value.startswith("Wrote reports/fromapp/results.json") for s in at.success)
+    assert any(s.value.startswith("Wrote reports/fromapp/results.json (mae, rmae, scenes:val:8)") for s in at.success)
     assert at.selectbox(key="report").value == "reports/fromapp"
-    table = _df(at, "linear probe")
+    linear, distance = metric("linear_probe").title, metric("attention_distance").title
+    table = _df(at, linear)
     m = results["runs"]["rmae"]["metrics"]["attention_distance"]
-    assert table.loc["rmae", "Mean attention distance"] == f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
-    assert table.loc["rmae", "linear probe"] == "—"  # probes were not asked for
+    assert table.loc["rmae", distance] == f"{m['value']:.3f} [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+    assert table.loc["rmae", linear] == "—"  # probes were not asked for
     specs = [json.loads(ch.proto.spec) for ch in at.get("plotly_chart")]
     inter = [sp for sp in specs if sp["layout"]["title"]["text"].startswith("Interactive segmentation")][0]
     rmae_line = [t for t in inter["data"] if t.get("name") == "rmae"][0]
     assert rmae_line["y"] == results["runs"]["rmae"]["metrics"]["interactive_iou"]["per_click"]
     md = [m.value for m in at.markdown if m.value.startswith("Missing from this report")][0]
     assert "linear_probe" in md and "attention_distance" not in md
+    assert not at.button(key="an_go").disabled
+
+
+def test_metrics_page_shows_why_a_job_failed(app, runs_root):
+    """A job whose `rmae analyze` fails (the foreign folder holds no checkpoint): the page says so
+    with the log's last line, once, and no report appears."""
+    at = app
+    at.sidebar.multiselect(key="runs").set_value(["foreign"]).run()
+    at = _page(at, "Metrics and probes")
+    at.number_input(key="an_n").set_value(8).run()
+    at.text_input(key="an_name").set_value("failing").run()
+    at.multiselect(key="an_probes").set_value([]).run()
+    at.button(key="an_go").click().run()
+    deadline = time.time() + 300
+    while _running(at):
+        assert time.time() < deadline
+        time.sleep(0.5)
+        at.run()
+    errors = [e.value for e in at.error]
+    assert any(e.startswith("The analysis for reports/failing failed after") and
+               "rmae analyze: error: " in e and "step_000001.safetensors: not a checkpoint" in e for e in errors), errors
+    assert not (runs_root / "reports" / "failing" / "results.json").exists()
+    at.run()
+    assert not [e for e in at.error if "The analysis for" in e.value]  # said once
+    shutil.rmtree(runs_root / "reports" / "failing")
 
 
 def test_runs_page_curves_and_configs(app, runs_root):

@@ -1,0 +1,214 @@
+"""Metrics and probes: a report's per-layer curves, per-run table, interactive-segmentation curves,
+differences and CKA; probe results stored in the run folders; and "Compute what is missing",
+which runs ``rmae analyze`` for the selected runs as a background job (:mod:`dashboards.jobs`)
+and selects its report when it finishes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import streamlit as st
+
+from analysis.registry import METRICS, PROBE_KEYS, metric
+from analysis.results import Results, ResultsError
+from dashboards import results as R
+from dashboards import state
+from dashboards.jobs import JobBusyError, analyze_command
+from dashboards.runs import RunEntry, RunsRoot, UnsafePathError
+from rmae.io import read_text
+
+#: seconds between status checks of a running job in the browser
+POLL_SECONDS = 2.0
+MAX_PROBE_FILES = 200
+
+
+# ------------------------------------------------------------------------------------------
+# a report
+
+
+def _load(ctx: state.Ctx) -> Results | None:
+    """The chosen report (its problems shown as a warning), or None."""
+    reports = ctx.disc.reports
+    if st.session_state.get("_report_next") in reports:
+        st.session_state["report"] = st.session_state.pop("_report_next")
+    if not reports:
+        st.info("No `results.json` under the runs root yet: compute one below (or run "
+                "`rmae analyze RUN_A RUN_B --data scenes:val --out <runs root>/reports/NAME`).")
+        return None
+    if st.session_state.get("report") not in reports:
+        st.session_state["report"] = reports[0]
+    report = st.selectbox("Report", reports, key="report")
+    try:
+        path = ctx.root.inside(Path(report) / "results.json")
+        data = state.results(str(path), path.stat().st_mtime_ns)
+    except (UnsafePathError, OSError, ResultsError) as e:
+        st.error(f"{report}: {e}")
+        return None
+    if data.problems:
+        shown = "\n".join(f"- {p}" for p in data.problems[:20])
+        more = f"\n- … and {len(data.problems) - 20} more" if len(data.problems) > 20 else ""
+        st.warning(f"{report}/results.json has entries of the wrong type; they are left out and the rest is "
+                   f"shown (re-run `rmae analyze` to rewrite it):\n{shown}{more}")
+    return data
+
+
+def _show(data: Results) -> None:
+    runs_all = list(data.runs)
+    st.caption(f"data `{data.data or '?'}` · {data.n_images} images · seed {data.seed}")
+    runs = st.multiselect("Runs in this report", runs_all, default=runs_all, key="report_runs")
+    present = R.layer_metrics_present(data, runs)
+    if present:
+        st.subheader("Per layer (bootstrap 95 % CI over images)")
+        cols = st.columns(2)
+        for i, name in enumerate(present):
+            cols[i % 2].plotly_chart(R.layer_figure(data, name, runs), key=f"fig-{name}")
+            cols[i % 2].caption(R.metric_help(name))
+    st.subheader("Probes and last-layer values")
+    st.dataframe(R.scalar_table(data, runs),
+                 column_config={metric(k).title: st.column_config.Column(help=R.metric_help(k)) for k in R.TABLE_METRICS})
+    fig = R.interactive_figure(data, runs)
+    if fig is not None:
+        st.subheader("Interactive segmentation")
+        st.plotly_chart(fig, key="fig-interactive")
+    diff = R.differences_table(data)
+    if diff is not None:
+        st.subheader("Differences")
+        st.dataframe(diff, hide_index=True)
+    for j, entry in enumerate(R.cka_entries(data)):
+        st.plotly_chart(R.cka_figure(entry), key=f"fig-cka-{j}")
+
+
+def _probe_files(ctx: state.Ctx) -> None:
+    """Probe results that ``rmae probe`` stored in the selected run folders."""
+    found: dict[str, list[dict]] = {}
+    for entry in ctx.selected:
+        if entry.problem:
+            continue
+        try:
+            folder = ctx.root.inside(ctx.root.run_folder(entry.name).analysis_dir("probes"))
+        except (UnsafePathError, OSError):
+            continue
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.glob("*.json"))[:MAX_PROBE_FILES]:
+            if not ctx.root.is_inside(f):
+                continue
+            try:
+                d = json.loads(read_text(f))
+            except (OSError, ValueError):
+                continue
+            if isinstance(d, dict):
+                found.setdefault(entry.name, []).append(d)
+    table = R.probe_files_table(found)
+    if table is not None:
+        st.subheader("Probe results stored in the run folders (`rmae probe`)")
+        st.dataframe(table, hide_index=True)
+
+
+# ------------------------------------------------------------------------------------------
+# compute what is missing
+
+
+def missing(data: Results | None, entries: list[RunEntry]) -> dict[str, list[str]]:
+    """For each selected run, the registered metrics the report lacks for it (all of them when it
+    is not in the report; interactive ones only for runs with a region decoder). Runs are matched
+    by name, folder name (what ``analyze`` names them) or path."""
+    by_key = {}
+    for name, r in (data.runs if data else {}).items():
+        by_key[name] = r
+        if r.path:
+            by_key[r.path] = r
+    out: dict[str, list[str]] = {}
+    for e in entries:
+        r = by_key.get(e.name) or by_key.get(Path(e.name).name) or by_key.get(str(e.path))
+        expected = [k for k in METRICS if metric(k).group != "interactive" or e.family in ("rae", "rmae")]
+        out[e.name] = [k for k in expected if r is None or k not in r.metrics]
+    return out
+
+
+def _finish_job(ctx: state.Ctx) -> None:
+    """A job this session started has ended: select its report, or say why it failed."""
+    key = st.session_state.get("an_job")
+    if not key:
+        return
+    job = state.jobs().get(key)
+    status = job.status() if job else None
+    if status is not None and status.running:
+        return
+    del st.session_state["an_job"]
+    if status is None:  # the board was reset (cache cleared): nothing to report
+        return
+    rel = ctx.root.rel(job.report_dir)
+    if status.state == "done":
+        state.discover.clear()
+        state.results.clear()
+        st.session_state["_report_next"] = rel  # selected on the next run (the selectbox exists already)
+        st.session_state["_flash"] = f"Wrote {rel}/results.json ({job.label}) in {status.seconds:.0f} s"
+        st.rerun()
+    st.error(f"The analysis for {rel} failed after {status.seconds:.0f} s: {status.message}  "
+             f"(full log: `{rel}/analyze.log`)")
+
+
+@st.fragment(run_every=POLL_SECONDS)
+def _job_status(root: RunsRoot, key: str) -> None:
+    """While this session's job runs: its status, refreshed on a timer; when it ends, a rerun of
+    the whole page (which :func:`_finish_job` takes from there)."""
+    job = state.jobs().get(key)
+    if job is None:
+        return
+    status = job.status()
+    if not status.running:
+        st.rerun()
+    rel = root.rel(job.report_dir)
+    st.info(f"Analysing in the background: {job.label} → `{rel}/` ({status.seconds:.0f} s so far; "
+            f"log: `{rel}/analyze.log`). The report opens here when it is done.")
+
+
+def _compute_missing(ctx: state.Ctx, data: Results | None) -> None:
+    running = bool(st.session_state.get("an_job"))
+    if running:
+        _job_status(ctx.root, st.session_state["an_job"])
+    with st.expander("Compute what is missing", expanded=data is None):
+        entries = [r for r in ctx.selected if not r.problem]
+        if not entries:
+            st.info("Choose runs in the sidebar first.")
+            return
+        lines = [f"- **{run}**: " + (", ".join(keys) if keys else "nothing missing")
+                 for run, keys in missing(data, entries).items()]
+        st.markdown("Missing from this report for the selected runs:\n" + "\n".join(lines))
+        c1, c2, c3 = st.columns(3)
+        n = int(c1.number_input("Images (scenes:val)", 8, 5000, 200, step=8, key="an_n"))
+        name = c2.text_input("Report name (under reports/)", "dashboard", key="an_name")
+        probes = c3.multiselect("Probes", list(PROBE_KEYS), list(PROBE_KEYS), key="an_probes")
+        st.caption("Runs `rmae analyze` in the background and writes (or overwrites) `reports/<name>/` under the "
+                   "runs root with every metric for the selected runs on the same images. Probes train on "
+                   "scenes:train and dominate the time.")
+        if not st.button("Compute", key="an_go", type="primary", disabled=running):
+            return
+        try:
+            out = ctx.root.report_dir(name.strip())
+            paths = [ctx.root.inside(e.name) for e in entries]
+            state.jobs().start(out, analyze_command(paths, out, n, probes),
+                               label=f"{', '.join(p.name for p in paths)}, scenes:val:{n}")
+        except (UnsafePathError, JobBusyError, OSError) as e:
+            st.error(str(e))
+            return
+        st.session_state["an_job"] = str(out)
+        st.rerun()
+
+
+def render(ctx: state.Ctx) -> None:
+    st.header("Metrics and probes")
+    _finish_job(ctx)
+    if "_flash" in st.session_state:
+        st.success(st.session_state.pop("_flash"))
+    data = _load(ctx)
+    if data is not None:
+        _show(data)
+    _probe_files(ctx)
+    _compute_missing(ctx, data)
+
+
+if __name__ == "__main__":  # run by st.navigation
+    state.show(render)
