@@ -266,8 +266,6 @@ def test_compute_follows_the_model_device(model_and_image):
     assert panels["original"].shape == (64, 64, 3) and prob.shape == (64, 64) and base["fh"].shape == (64, 64)
 
 
-@pytest.mark.xfail(strict=True, reason="rmae.data.to_tensor makes its mean/std tensors on the default device "
-                                       "(torch.tensor(mean)); under another default device it normalises wrongly")
 def test_prepared_input_does_not_depend_on_the_default_device(model_and_image):
     _, p = model_and_image
     expected = p.tensor()

@@ -139,7 +139,7 @@ def to_tensor(image: np.ndarray, normalize: bool = True,
     t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
     t = t.float().div_(255.0)
     if normalize:
-        t.sub_(torch.tensor(mean).view(3, 1, 1)).div_(torch.tensor(std).view(3, 1, 1))
+        t.sub_(torch.tensor(mean, device=t.device).view(3, 1, 1)).div_(torch.tensor(std, device=t.device).view(3, 1, 1))
     return t
 
 
