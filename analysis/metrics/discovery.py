@@ -57,6 +57,16 @@ def _seed_component(mask: Tensor, seeds: Tensor) -> Tensor:
         comp = grown
 
 
+def bipartition(y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """TokenCut's split of the eigenvector ``y [B, L]``: the seed is ``argmax |y|``; the foreground
+    is the side of the **mean** of ``y`` (not of 0) that holds the seed. Returns (foreground bool
+    ``[B, L]``, seeds ``[B]``, ``y`` signed so the foreground is the side above the mean)."""
+    seeds = y.abs().argmax(dim=1)
+    part = y > y.mean(dim=1, keepdim=True)
+    flip = ~part.gather(1, seeds[:, None])  # seed not in the "above mean" side → swap sides
+    return torch.where(flip, ~part, part), seeds, torch.where(flip, -y, y)
+
+
 def tokencut(keys: Tensor, grid_hw: tuple[int, int], patch_size: int | Sequence[int], *,
              tau: float = 0.2, eps: float = 1e-5) -> TokenCut:
     """TokenCut object discovery: normalised cut on the patch-key affinity graph, batched.
@@ -96,11 +106,7 @@ def tokencut(keys: Tensor, grid_hw: tuple[int, int], patch_size: int | Sequence[
     lap = eye - d_isqrt[:, :, None] * W * d_isqrt[:, None, :]
     _, vecs = torch.linalg.eigh(lap)  # ascending eigenvalues
     y = d_isqrt * vecs[:, :, 1]
-    seeds = y.abs().argmax(dim=1)
-    part = y > y.mean(dim=1, keepdim=True)
-    flip = ~part.gather(1, seeds[:, None])  # seed not in the "above mean" side → swap sides
-    part = torch.where(flip, ~part, part)
-    y = torch.where(flip, -y, y)
+    part, seeds, y = bipartition(y)
     masks = _seed_component(part.view(B, gh, gw), seeds)
     return TokenCut(boxes=mask_boxes(masks, patch_size), masks=masks, seeds=seeds, eigenvectors=y.view(B, gh, gw))
 
