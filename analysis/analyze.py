@@ -61,6 +61,8 @@ class AnalyzeConfig:
     clicks: tuple[int, ...] = setting((1, 2, 4, 8, 16), "click counts of interactive segmentation (empty = skip)",
                                       low=1, high=4096)
     interactive_images: int | None = setting(None, "at most this many images for interactive segmentation", low=1)
+    interactive_min_pairs: int = setting(30, "click counts are dropped from the top until at least this many "
+                                                 "(image, instance) pairs own that many patches", low=1)
     negative_clicks: int = setting(0, "patches outside the instance also visible in interactive segmentation", low=0)
     interactive_image: str = setting("all", "what the pixel encoder sees in interactive segmentation: all | clicks",
                                      choices=("all", "clicks"))
@@ -260,31 +262,46 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
 
 def _interactive(res: Results, models: dict[str, torch.nn.Module], loader, cfg: AnalyzeConfig,
                  device: torch.device) -> None:
+    """IoU vs clicks on one fixed set of pairs; each run's gain over the strongest baseline (given
+    exactly its information) at each click count, paired over the pairs."""
     from .interactive import interactive_curve
 
     n = len(loader.dataset)
     iloader = loader if cfg.interactive_images is None else evaluation_loader(
         cfg.data, describe(next(iter(models.values()))).input_size, batch_size=cfg.batch_size, seed=cfg.seed,
         limit=min(cfg.interactive_images, n))
-    curve = interactive_curve(models, iloader, clicks=cfg.clicks, seed=cfg.seed, device=device,
-                              negatives=cfg.negative_clicks, image=cfg.interactive_image)
-    res.meta["interactive_protocol"] = {"negative_clicks": cfg.negative_clicks, "image": cfg.interactive_image}
-    for name in curve.iou:
+    curve = interactive_curve(models, iloader, clicks=cfg.clicks, min_pairs=cfg.interactive_min_pairs, seed=cfg.seed,
+                              device=device, negatives=cfg.negative_clicks, image=cfg.interactive_image)
+    res.meta["interactive_protocol"] = {"negative_clicks": cfg.negative_clicks, "image": cfg.interactive_image,
+                                        "pairs": curve.n_pairs, "min_pairs": cfg.interactive_min_pairs,
+                                        "dropped_clicks": {str(k): v for k, v in curve.dropped.items()}}
+    strongest = curve.strongest_baseline()
+
+    def curve_estimate(table: np.ndarray) -> Estimate:
         per_click, cis = [], []
-        for k in curve.clicks:
-            m, (lo, hi) = bootstrap_ci(np.asarray(curve.iou[name][k], dtype=float), seed=cfg.seed)
+        for j in range(table.shape[1]):
+            m, (lo, hi) = bootstrap_ci(table[:, j], seed=cfg.seed)
             per_click.append(_num(m))
             cis.append(_ci(lo, hi))
-        last = max((i for i, v in enumerate(per_click) if v is not None), default=None)
-        est = Estimate(per_click[last] if last is not None else None, cis[last] if last is not None else None,
-                       extra={"clicks": list(curve.clicks), "per_click": per_click,
-                              "per_click_ci": [list(c) if c else None for c in cis], "n_pairs": len(curve.image_ids)})
+        return Estimate(per_click[-1] if per_click else None, cis[-1] if cis else None, extra={
+            "clicks": list(curve.clicks), "per_click": per_click, "per_click_ci": [list(c) if c else None for c in cis],
+            "n_pairs": [curve.n_pairs] * len(curve.clicks)})
+
+    for name in curve.iou:
+        table = curve.table(name)
+        est = curve_estimate(table)
         if name in res.runs:
+            gains, gain_cis = [], []
+            for j, base in enumerate(strongest):
+                m, (lo, hi) = paired_difference_ci(curve.table(base)[:, j], table[:, j], seed=cfg.seed)
+                gains.append(_num(m))
+                gain_cis.append(list(c) if (c := _ci(lo, hi)) else None)
+            est.extra.update(gain_over_best_baseline=gains, gain_ci=gain_cis, best_baseline=strongest)
             res.runs[name].metrics["interactive_iou"] = est
-            res.per_image.setdefault(name, {})["interactive_iou"] = np.asarray(
-                [curve.iou[name][k] for k in curve.clicks], dtype=float).T  # [pairs, clicks]
+            res.per_image.setdefault(name, {})["interactive_iou"] = table  # [pairs, clicks]
         else:
             res.baselines.setdefault("interactive_iou", {})[name] = est
+            res.per_image.setdefault(f"baseline:{name}", {})["interactive_iou"] = table
 
 
 def default_probe_train(data: str) -> str | None:

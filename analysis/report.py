@@ -106,17 +106,30 @@ def render_markdown(results: Results) -> str:
             lines.append(f"| {layer} | " + " | ".join(cells) + " |")
         lines += ["", f"![{key}](figures/{key}.png)", ""]
     inter = {n: r.metrics["interactive_iou"] for n, r in runs.items() if "interactive_iou" in r.metrics}
-    inter.update({f"baseline: {k}": v for k, v in results.baselines.get("interactive_iou", {}).items()})
+    base = results.baselines.get("interactive_iou", {})
     if inter:
+        protocol = results.meta.get("interactive_protocol") or {}
         clicks = next(iter(inter.values())).extra.get("clicks") or []
-        lines += ["## Interactive segmentation (IoU vs clicks)", "",
-                  _protocol_text(results.meta.get("interactive_protocol") or {}), "",
-                  "| clicks | " + " | ".join(inter) + " |", "|---|" + "---|" * len(inter)]
+        cols = {**inter, **{f"baseline: {k}": v for k, v in base.items()}}
+        lines += ["## Interactive segmentation (IoU vs clicks)", "", _protocol_text(protocol),
+                  f"Every point is over the same {protocol.get('pairs', '?')} (image, instance) pairs. Baselines get "
+                  "exactly the model's information (the same image, the ground-truth pixels of the same visible "
+                  "patches pasted in); the gain is each run minus the strongest baseline at that click count, "
+                  "paired over the pairs.", ""]
+        for n, why in (protocol.get("dropped_clicks") or {}).items():
+            lines.append(f"- {n} clicks left out: {why}")
+        lines += ["", "| clicks | " + " | ".join(cols) + " | " + " | ".join(f"{n}: gain over the strongest baseline"
+                                                                      for n in inter) + " |",
+                  "|---|" + "---|" * (len(cols) + len(inter))]
         for i, n in enumerate(clicks):
             cells = []
-            for e in inter.values():
+            for e in cols.values():
                 pc, pci = e.extra.get("per_click") or [], e.extra.get("per_click_ci") or []
                 cells.append(format_value(pc[i] if i < len(pc) else None, pci[i] if i < len(pci) else None))
+            for e in inter.values():
+                g, gci, best = (e.extra.get(k) or [] for k in ("gain_over_best_baseline", "gain_ci", "best_baseline"))
+                cells.append(format_value(g[i] if i < len(g) else None, gci[i] if i < len(gci) else None)
+                             + (f" (vs {best[i]})" if i < len(best) else ""))
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         lines += ["", "![interactive](figures/interactive_iou.png)", ""]
     if results.cka:

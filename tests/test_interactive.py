@@ -11,10 +11,14 @@ import torch
 import rmae
 from analysis.groundtruth import patch_labels
 from analysis.interactive import (
+    BASELINES,
+    baseline_predictions,
+    choose_clicks,
     clicked_patches_mask,
     fh_baseline,
     interactive_curve,
     predict_from_clicks,
+    propagate_through_segments,
     segments_under_clicks,
 )
 from conftest import tiny_model
@@ -115,23 +119,75 @@ def test_mae_has_no_region_decoder(val_batch):
         predict_from_clicks(mae, val_batch["images"][:1], val_batch["instances"][:1] == 1, torch.tensor([[0]]))
 
 
-def test_curve_on_the_same_clicks_for_every_model(val_batch):
+def test_curve_is_one_fixed_set_of_pairs_with_enough_pairs_behind_every_point(val_batch):
     models = {"rae": tiny_model("rae_vit_tiny_patch8", img_size=64, depth=1),
               "mae": tiny_model("mae_vit_tiny_patch8", img_size=64, depth=1)}
-    curve = interactive_curve(models, [val_batch], clicks=(1, 2, 4, 100))
-    assert set(curve.iou) == {"rae", "clicked", "fh"}  # MAE has no region decoder
-    n_pairs = len(curve.image_ids)
-    assert n_pairs >= 8 and all(len(curve.iou[k][n]) == n_pairs for k in curve.iou for n in curve.clicks)
-    assert all(math.isnan(v) for v in curve.iou["clicked"][100])  # no instance owns 100 of 64 patches
-    # on the pairs with at least 4 patches, nested click sets make the clicked-only IoU rise
-    common = [i for i, v in enumerate(curve.iou["clicked"][4]) if not math.isnan(v)]
-    assert len(common) >= 4
-    clicked = {n: sum(curve.iou["clicked"][n][i] for i in common) for n in (1, 2, 4)}
-    assert clicked[1] < clicked[2] < clicked[4]
-    fh = {n: sum(curve.iou["fh"][n][i] for i in common) for n in (1, 2, 4)}
-    assert fh[1] > clicked[1]  # FH segments under one click cover more of the object than the click
-    again = interactive_curve(models, [val_batch], clicks=(1, 2, 4, 100))
-    assert again.iou["rae"][2] == curve.iou["rae"][2]  # deterministic clicks
+    curve = interactive_curve(models, [val_batch], clicks=(1, 2, 4, 100), min_pairs=4)
+    assert set(curve.iou) == {"rae", *BASELINES}  # MAE has no region decoder
+    assert 100 in curve.dropped and "100" in curve.dropped[100] and 100 not in curve.clicks
+    owned = {(i, k) for i, k in zip(curve.image_ids, curve.instance_ids)}
+    assert len(owned) == curve.n_pairs >= 4
+    # every point over the same pairs: no NaN, one value per pair at every click count
+    for name in curve.iou:
+        for n in curve.clicks:
+            assert len(curve.iou[name][n]) == curve.n_pairs and not any(math.isnan(v) for v in curve.iou[name][n])
+    # ... and those pairs are exactly the instances owning at least the largest kept click count
+    owner = patch_labels(val_batch["instances"], 8)
+    for img, inst_id in owned:
+        assert int((owner[img] == inst_id).sum()) >= curve.clicks[-1]
+    # nested clicks: the pasted-only baseline rises
+    paste = curve.mean("paste_only")
+    assert all(paste[a] < paste[b] for a, b in zip(curve.clicks, curve.clicks[1:]))
+    assert curve.strongest_baseline()[0] in BASELINES and curve.table("rae").shape == (curve.n_pairs, len(curve.clicks))
+    again = interactive_curve(models, [val_batch], clicks=(1, 2, 4, 100), min_pairs=4)
+    assert again.iou["rae"][2] == curve.iou["rae"][2] and again.image_ids == curve.image_ids  # deterministic
+
+
+def test_choose_clicks_drops_from_the_top_until_enough_pairs():
+    counts = [1] * 50 + [3] * 20 + [9] * 5
+    assert choose_clicks(counts, (1, 2, 4, 8), min_pairs=10) == ((1, 2), {8: "only 5 instance(s) own ≥ 8 patches "
+                                                                          "(fewer than 10 pairs)",
+                                                                          4: "only 5 instance(s) own ≥ 4 patches "
+                                                                          "(fewer than 10 pairs)"})
+    assert choose_clicks(counts, (4, 2, 1, 2), min_pairs=1)[0] == (1, 2, 4)  # sorted, unique
+    assert choose_clicks([], (1, 4), min_pairs=5)[0] == (1,)  # the smallest is always kept
+
+
+def test_a_model_that_predicts_nothing_scores_exactly_the_paste_only_baseline(val_batch):
+    """The model's prediction has the ground truth of its visible patches pasted in; so does every
+    baseline. A decoder that says "background" everywhere therefore equals paste_only exactly —
+    the baselines get exactly the model's information, no less (they once got less and lost)."""
+    model = tiny_model("rae_vit_tiny_patch8", img_size=64, depth=1)
+    with torch.no_grad():
+        model.region_pred[-1].weight.zero_()
+        model.region_pred[-1].bias.fill_(-50.0)  # sigmoid ≈ 0 everywhere
+    for negatives, image in ((0, "all"), (3, "clicks")):
+        curve = interactive_curve({"nothing": model}, [val_batch], clicks=(1, 2, 4), min_pairs=1,
+                                  negatives=negatives, image=image)
+        for n in curve.clicks:
+            assert curve.iou["nothing"][n] == pytest.approx(curve.iou["paste_only"][n], abs=1e-6), (negatives, n)
+
+
+def test_segments_propagate_only_what_the_clicks_revealed():
+    seg = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3], [2, 2, 3, 3]])
+    known = torch.zeros(4, 4, dtype=torch.bool)
+    known[0, 0] = known[0, 2] = known[0, 3] = known[3, 3] = True
+    positive = torch.zeros(4, 4, dtype=torch.bool)
+    positive[0, 0] = positive[0, 2] = True  # segment 0: 1 of 1 known positive; segment 1: 1 of 2; segment 3: 0 of 1
+    out = propagate_through_segments(seg, known, positive)
+    expected = seg == 0  # filled; segment 1 (a tie) and 3 (negative) stay background except known positives
+    expected[0, 2] = True
+    assert torch.equal(out, expected)
+
+
+def test_baselines_see_the_pasted_pixels_of_every_visible_patch(val_batch):
+    image = (denormalize(val_batch["images"][0]) * 255).round().byte().permute(1, 2, 0).numpy()
+    mask = val_batch["instances"][0] == 1
+    visible = torch.tensor([0, 27, 45])
+    preds = baseline_predictions(image, mask, visible, 8, (8, 8))
+    known = clicked_patches_mask(visible, 8, (8, 8))
+    assert torch.equal(preds["paste_only"], mask & known)
+    assert torch.equal(preds["fh"] & known, mask & known)  # FH fills only what the clicks leave unknown
 
 
 @pytest.mark.slow
@@ -152,18 +208,17 @@ def test_trained_rae_segments_from_clicks(tmp_path):
                        train=False, crop_pct=1.0)
     batch = collate_regions([ds[i] for i in range(96)])
 
-    def means(curve):  # over the (image, instance) pairs that own at least 8 patches
-        common = [i for i, v in enumerate(curve.iou["clicked"][8]) if not math.isnan(v)]
-        assert len(common) >= 20
-        return {k: {n: sum(curve.iou[k][n][i] for i in common) / len(common) for n in (1, 2, 4, 8)} for k in curve.iou}
-
-    plain = means(interactive_curve({"rae": model}, [batch], clicks=(1, 2, 4, 8)))
-    assert plain["rae"][1] < plain["rae"][2] < plain["rae"][4] < plain["rae"][8], plain
-    # negative clicks, with the visibility the model was pre-trained with
-    neg = means(interactive_curve({"rae": model}, [batch], clicks=(1, 2, 4, 8), negatives=8, image="clicks"))
-    assert neg["rae"][1] < neg["rae"][2] < neg["rae"][4] < neg["rae"][8], neg
-    assert all(neg["rae"][n] > neg["clicked"][n] for n in (1, 2, 4, 8)), neg
-    assert neg["rae"][1] > 3 * neg["clicked"][1] and neg["rae"][8] > 0.6, neg
+    loader = [batch]
+    plain = interactive_curve({"rae": model}, loader, clicks=(1, 2, 4, 8), min_pairs=20)
+    assert plain.clicks == (1, 2, 4, 8) and plain.n_pairs >= 20
+    rae = plain.mean("rae")
+    assert rae[1] < rae[2] < rae[4] < rae[8], rae
+    # negative clicks, with the visibility the model was pre-trained with: the decoder segments
+    # beyond what the clicks revealed — better than every baseline given the same information
+    neg = interactive_curve({"rae": model}, loader, clicks=(1, 2, 4, 8), min_pairs=20, negatives=8, image="clicks")
+    rae, best = neg.mean("rae"), {n: max(neg.mean(b)[n] for b in BASELINES) for n in neg.clicks}
+    assert rae[1] < rae[2] < rae[4] < rae[8], rae
+    assert all(rae[n] > best[n] for n in neg.clicks), (rae, best)
 
 
 def test_negative_clicks_and_image_protocols(val_batch):
@@ -175,8 +230,9 @@ def test_negative_clicks_and_image_protocols(val_batch):
     assert not torch.allclose(a, b)  # the pixel encoder saw different patches
     with pytest.raises(ValueError, match="'all' or 'clicks'"):
         predict_from_clicks(model, val_batch["images"][:2], masks, clicks, image="none")
-    plain = interactive_curve({"rae": model}, [val_batch], clicks=(1, 2), baselines=False)
-    neg = interactive_curve({"rae": model}, [val_batch], clicks=(1, 2), negatives=3, image="clicks", baselines=False)
+    plain = interactive_curve({"rae": model}, [val_batch], clicks=(1, 2), baselines=False, min_pairs=1)
+    neg = interactive_curve({"rae": model}, [val_batch], clicks=(1, 2), negatives=3, image="clicks", baselines=False,
+                            min_pairs=1)
     assert neg.image_ids == plain.image_ids and neg.iou["rae"][2] != plain.iou["rae"][2]
 
 
@@ -185,10 +241,10 @@ def test_curve_follows_the_model_device(val_batch):
     (clicks, noise, masks, baselines, IoUs) made without naming its device would fail the run;
     the numbers equal the plain run's."""
     models = {"rae": tiny_model("rae_vit_tiny_patch8", img_size=64, depth=1)}
-    plain = interactive_curve(models, [val_batch], clicks=(1, 2), negatives=2)
+    plain = interactive_curve(models, [val_batch], clicks=(1, 2), negatives=2, min_pairs=1)
     torch.set_default_device("meta")
     try:
-        meta = interactive_curve(models, [val_batch], clicks=(1, 2), negatives=2)
+        meta = interactive_curve(models, [val_batch], clicks=(1, 2), negatives=2, min_pairs=1)
     finally:
         torch.set_default_device(None)
     assert meta.image_ids == plain.image_ids

@@ -97,11 +97,14 @@ def test_01_quickstart(quickstart, workdir):
 def test_02_attention_analysis(quickstart, workdir):
     nb = execute(NOTEBOOKS[1], workdir)
     results = json.loads((workdir / "reports" / "attention" / "results.json").read_text())
-    assert set(results["runs"]) == {"demo-mae", "demo-rmae"} and results["n_images"] == 16
+    runs = {n for n, r in results["runs"].items() if r["role"] == "run"}
+    controls = {n for n, r in results["runs"].items() if r["role"] == "control"}
+    assert runs == {"demo-mae", "demo-rmae"} and results["n_images"] == 16
+    assert controls == {"control:content-free", "control:local", "control:random-init", "control:oracle"}
     text = _text(nb)
     assert "16 images in" in text
     assert "instance_mass" in text and "attention_distance" in text
-    assert "demo-rmae − demo-mae" in text  # the paired differences table
+    assert "demo-rmae − demo-mae" in text and "checkpoint" in text  # the paired differences table, with its scope
     assert _images(nb) >= 4
 
 
@@ -112,6 +115,6 @@ def test_03_probing(quickstart, workdir):
         assert probe in text
     assert "second linear probe: feature cache hit = True" in text
     assert "(image, object) pairs" in text
-    assert "clicked" in text and "fh" in text  # the baselines' columns
+    assert "paste_only" in text and "fh" in text  # the baselines' columns
     assert list((workdir / "demo-rmae" / "analysis" / "probes").glob("*.json"))  # run_probe stored its results
     assert _images(nb) >= 3

@@ -21,7 +21,7 @@ NAMES = {"attention_distance", "attention_entropy", "attention_nmi", "instance_m
 def test_analyze_writes_every_metric_and_a_report(trained_runs, tmp_path):
     runs = trained_runs
     cfg = AnalyzeConfig(data="scenes:val:24", batch_size=8, probes=("linear", "knn", "attentive", "dense"),
-                        probe_train="scenes:train:48", clicks=(1, 2), device="cpu")
+                        probe_train="scenes:train:48", clicks=(1, 2), interactive_min_pairs=5, device="cpu")
     res = analyze([runs["mae"], runs["rmae"]], cfg, tmp_path / "rep", progress=False)
     on_disk = Results.load(tmp_path / "rep" / "results.json")
     assert on_disk.to_json() == json.loads(json.dumps(res.to_json())) and not on_disk.problems
@@ -35,7 +35,17 @@ def test_analyze_writes_every_metric_and_a_report(trained_runs, tmp_path):
             assert 0 <= lo <= v <= hi <= 1, (key, v, lo, hi)
         assert metrics["attention_distance"].extra["unit"] == "px"
     assert "interactive_iou" in res.runs["rmae"].metrics and "interactive_iou" not in res.runs["mae"].metrics
-    assert set(res.baselines["interactive_iou"]) == {"fh", "clicked"}
+    assert set(res.baselines["interactive_iou"]) == {"fh", "paste_only"}
+    inter = res.runs["rmae"].metrics["interactive_iou"]
+    pairs = res.meta["interactive_protocol"]["pairs"]
+    assert inter.extra["n_pairs"] == [pairs] * len(inter.extra["clicks"])  # every point: the same pairs
+    table = res.per_image["rmae"]["interactive_iou"]
+    best = [max(res.baselines["interactive_iou"], key=lambda b: res.baselines["interactive_iou"][b].extra["per_click"][j])
+            for j in range(table.shape[1])]
+    assert inter.extra["best_baseline"] == best
+    for j, b in enumerate(best):  # the gain is paired over the same pairs
+        gain = np.mean(table[:, j] - res.per_image[f"baseline:{b}"]["interactive_iou"][:, j])
+        assert inter.extra["gain_over_best_baseline"][j] == pytest.approx(gain, abs=1e-9)
     diff = res.differences["rmae − mae"]
     a = res.runs["mae"].metrics["instance_mass"].value
     b = res.runs["rmae"].metrics["instance_mass"].value
