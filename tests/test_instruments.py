@@ -166,14 +166,16 @@ def test_attention_distance_reads_rows_as_height_and_columns_as_width():
     """Mutation: ``(p_h, p_w)`` (or the grid's (h, w)) swapped in the attention distance."""
     grid, patch = (2, 3), (4, 10)  # non-square grid and non-square patches
     L = 6
-    rows = torch.zeros(1, 1, L, L, dtype=torch.float64)
-    rows[0, 0, :, :] = torch.eye(L)
-    rows[0, 0, 0] = 0.0
-    rows[0, 0, 0, 1] = 1.0  # patch (0,0) attends its right neighbour (0,1): one patch width away
-    rows[0, 0, 1] = 0.0
-    rows[0, 0, 1, 4] = 1.0  # patch (0,1) attends the patch below it (1,1): one patch height away
-    d = M.mean_attention_distance(_with_cls(rows), grid, patch)
-    assert d.item() == pytest.approx((10 + 4) / L)
+
+    def one_move(query: int, key: int) -> float:
+        rows = torch.eye(L, dtype=torch.float64)[None, None].clone()
+        rows[0, 0, query] = 0.0
+        rows[0, 0, query, key] = 1.0  # every other patch attends itself (distance 0)
+        return M.mean_attention_distance(_with_cls(rows), grid, patch).item() * L
+
+    assert one_move(0, 1) == pytest.approx(10.0)  # right neighbour: one patch width
+    assert one_move(1, 4) == pytest.approx(4.0)  # the patch below: one patch height
+    assert one_move(0, 5) == pytest.approx(math.hypot(4.0, 20.0))  # down 1 row, right 2 columns
 
 
 def test_rollout_reads_the_query_row_after_the_prefix_tokens():
