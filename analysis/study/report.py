@@ -129,6 +129,21 @@ def write_study_report(results: Results) -> str:
         status, evidence = claim_status(results, claim)
         lines.append(f"| {claim.text} | **{status}** | {evidence} |")
     lines.append("")
+    learning = meta.get("learning") or {}
+    if learning:
+        from ..learning import LEARNED_FRACTION
+
+        lines += [f"## Did the runs learn? (clearly below the null = ≤ {LEARNED_FRACTION:g} × null)", "",
+                  "| run | last-layer attention entropy / uniform (ln L) | pixel loss / patch-mean predictor | "
+                  "region loss / best constant | learned |", "|---|---|---|---|---|"]
+        for name, c in learning.items():
+            def pair(v, null):
+                return "—" if v is None or null is None else f"{v:.3f} / {null:.3f}"
+            ok = c.get("learned") or {}
+            lines.append(f"| {name} | {pair(c.get('attention_entropy'), c.get('uniform_entropy'))} | "
+                         f"{pair(c.get('pixel_loss'), c.get('pixel_null'))} | {pair(c.get('region_loss'), c.get('region_null'))} | "
+                         + (", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in ok.items()) or "—") + " |")
+        lines.append("")
     timing = meta.get("timing") or {}
     if timing:
         runs = timing.get("train_seconds_per_run") or {}

@@ -191,8 +191,17 @@ def run_study(preset: str, out: str | Path, cfg: StudyConfig, grid_words: list[s
     timing["analysis_seconds"] = round(time.time() - t1, 1)
     timing["analysis_seconds_per_job"] = {j.name: round(j.seconds, 1) for j in jobs}
 
-    # 3. across seeds
+    # 3. across seeds, and whether each run learned at this budget
     results = aggregate(planned, seed=0)
+    from ..learning import learning_check
+
+    checks = {}
+    for r in planned:
+        ent = results.runs[r.configuration.label].metrics.get("attention_entropy")
+        per_seed = (ent.extra.get("per_seed") or []) if ent else []
+        idx = results.runs[r.configuration.label].extra["seeds"].index(r.seed)
+        checks[r.name] = learning_check(r.folder, entropy=per_seed[idx] if idx < len(per_seed) else None).to_json()
+    results.meta["learning"] = checks
     if cfg.controls and (controls_dir / "results.json").is_file():
         from ..results import Results
 
