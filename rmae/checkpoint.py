@@ -34,7 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .io import atomic_write, check_output_path, is_regular_file
+from .io import atomic_write, is_regular_file
 from .models import MaskedAutoencoderViT, ModelConfig, build_model
 from .models.config import HEADS_BY_WIDTH, model_keywords
 from .runfolder import RunFolder

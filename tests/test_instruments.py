@@ -14,7 +14,7 @@ from analysis import encoder
 from analysis import metrics as M
 from analysis.attention import rollout_maps
 from analysis.metrics.discovery import bipartition, tokencut
-from conftest import make_run, tiny_model
+from conftest import make_run
 
 
 def _with_cls(rows: torch.Tensor) -> torch.Tensor:

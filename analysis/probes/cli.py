@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import typing
 from collections.abc import Sequence
 from typing import Any
 
-from rmae.settings import add_arguments, fields_of, from_args, keys_help, parse_override
+from rmae.settings import add_arguments, fields_of, from_args, keys_help
 
 from .config import TOKEN_PROBES, ProbeConfig, ProbeError
 from .run import run_probe
@@ -79,19 +78,6 @@ def register(subparsers: Any) -> None:
 # from the command line to ProbeConfigs
 
 
-def _list_settings() -> set[str]:
-    """Fields holding a tuple (lrs, Cs) — they, and ``probe``, take comma-separated lists."""
-    hints = typing.get_type_hints(ProbeConfig)
-    return {name for name, hint in hints.items()
-            if any(typing.get_origin(h) is tuple for h in (hint, *typing.get_args(hint)))} | {"probe"}
-
-
-def _as_yaml_list(text: str) -> str:
-    """``a,b`` (or a lone ``a``) → the YAML list ``[a,b]``; a YAML list stays as it is."""
-    text = text.strip()
-    return text if text.startswith("[") else f"[{text}]"
-
-
 def _key(word: str) -> str:
     return word.partition("=")[0].strip()
 
@@ -105,35 +91,22 @@ def _split_words(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def probe_configs(args: argparse.Namespace) -> list[ProbeConfig]:
-    """One :class:`ProbeConfig` per requested probe, from parsed ``rmae probe`` arguments.
-
-    Comma-separated lists (``--lrs 0.01,0.1``, ``Cs=1,10``, ``--probe linear,knn``) become YAML
-    lists here, in one place, so :func:`rmae.settings.from_args` types and range-checks them
-    like any setting. ``pool`` is the setting of the probes that pool (linear, knn); the token
-    probes (attentive, dense) read the patch tokens whatever it says.
-    """
-    lists = _list_settings()
+    """One :class:`ProbeConfig` per requested probe (``--probe linear,knn``), from parsed
+    ``rmae probe`` arguments; every other setting is typed by :func:`rmae.settings.from_args`
+    (which also reads comma lists such as ``--lrs 0.01,0.1``). ``pool`` is the setting of the
+    probes that pool (linear, knn); the token probes (attentive, dense) read the patch tokens
+    whatever it says."""
     ns = copy.copy(args)
-    for name in lists:
-        raw = getattr(ns, f"setting__{name}", None)
-        if isinstance(raw, str):
-            setattr(ns, f"setting__{name}", _as_yaml_list(raw))
-    words = [f"{_key(w)}={_as_yaml_list(w.partition('=')[2])}" if _key(w) in lists else w for w in ns.overrides]
-    probe_words = [w for w in words if _key(w) == "probe"]
-    ns.overrides = [w for w in words if _key(w) != "probe"]
-    raw = ns.setting__probe or (probe_words[-1].partition("=")[2] if probe_words else None)
-    names = parse_override(f"probe={raw}")[1] if raw else None
+    probe_words = [w for w in ns.overrides if _key(w) == "probe"]
+    ns.overrides = [w for w in ns.overrides if _key(w) != "probe"]
+    raw = ns.setting__probe or (probe_words[-1].partition("=")[2] if probe_words else "")
+    names = [n.strip() for n in str(raw).strip().strip("[]").split(",") if n.strip()]
     if not names:
         raise ProbeError("give the probe(s) to run: --probe NAME[,NAME] (linear, knn, attentive, dense)")
     if ns.setting__data is None and not any(_key(w) == "data" for w in ns.overrides):
         raise ProbeError("give the training data: --data SPEC (e.g. scenes:train:2000)")
-    unique: list[Any] = []
-    for name in names if isinstance(names, list) else [names]:
-        name = name.strip().lower() if isinstance(name, str) else name
-        if name not in unique:
-            unique.append(name)
     configs = []
-    for name in unique:
+    for name in dict.fromkeys(n.lower() for n in names):
         one = copy.copy(ns)
         one.setting__probe = name  # the flag wins over any probe= word (rmae.settings.from_args)
         if name in TOKEN_PROBES:
