@@ -86,7 +86,7 @@ class MaskedAutoencoderViT(TimmEncoderSurface, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
-        L, grid = c.num_patches, c.grid_size
+        grid = c.grid_size
         self.patch_size = c.patch_size
 
         # ---- pixel encoder (timm VisionTransformer names) -----------------------------------
