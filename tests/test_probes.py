@@ -25,7 +25,7 @@ from analysis.probes import (
     linear_probe,
     run_probe,
 )
-from analysis.probes.fit import fit_grid, lr_factor, split_holdout
+from analysis.probes.fit import fit_grid, grid_accuracy, lr_factor, split_holdout
 from analysis.probes.heads import AttentiveGrid, DenseGrid, LinearGrid
 from conftest import make_run, tiny_model
 from rmae.errors import UserError
@@ -457,3 +457,24 @@ def test_cli_help_teaches(capsys):
     assert "examples:" in out and "rmae probe runs/mae" in out and "dense_miou" in out
     assert "AIM-style" in out and "no value bias and no LayerNorm" in out  # honest about the attentive probe
     assert "extract_batch_size" in out and "--no-cache" in out  # every key, and the flags
+
+
+def test_probes_stop_when_the_held_out_score_stops_improving():
+    """Epochs the held-out score no longer rewards are not spent; each head ends at its best check."""
+    x, y = blobs(400)
+    fit, held = split_holdout(400, 0.25, 0)
+    heads = LinearGrid(x.shape[1], 4, 2, torch.Generator().manual_seed(0))
+    checks = []
+
+    def held_out():
+        checks.append(grid_accuracy(heads, x[held], y[held]).tolist())
+        return checks[-1]
+
+    history = fit_grid(heads, x[fit], y[fit], [0.03, 0.3], epochs=100, batch_size=64, held_out=held_out, patience=3)
+    assert len(history) < 30  # stopped long before 100 epochs: blobs are separated within a few
+    best = [max(c[g] for c in checks) for g in range(2)]
+    # it stopped because the last 3 checks improved no head
+    assert all(c[g] <= max(k[g] for k in checks[:-3]) for c in checks[-3:] for g in range(2))
+    assert grid_accuracy(heads, x[held], y[held]).tolist() == best  # every head restored to its best check
+    full = LinearGrid(x.shape[1], 4, 2, torch.Generator().manual_seed(0))
+    assert len(fit_grid(full, x[fit], y[fit], [0.03, 0.3], epochs=12, batch_size=64)) == 12  # no patience: all epochs

@@ -58,7 +58,7 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Ten
                  num_classes: int | None = None, solver: str = "torch", lrs: Sequence[float] | None = None,
                  epochs: int = DEFAULT_EPOCHS["linear"], batch_size: int = DEFAULT_BATCH["linear"],
                  optimizer: str = "sgd", weight_decay: float | None = None, holdout: float = 0.2,
-                 Cs: Sequence[float] | None = None, seed: int = 0, device: str | torch.device = "auto",
+                 Cs: Sequence[float] | None = None, patience: int = 0, seed: int = 0, device: str | torch.device = "auto",
                  threads: int | None = None, progress: bool = False) -> ProbeResult:
     """Linear probe. train_x [N, D] / eval_x [M, D] float features, *_y int64 labels [N] / [M].
 
@@ -84,7 +84,9 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, eval_x: torch.Ten
     heads = LinearGrid(train_x.shape[-1], C, len(lrs), torch.Generator().manual_seed(int(seed)))
     with intra_op_threads(batch_size * train_x.shape[-1] * C * len(lrs), threads):
         fit_grid(heads, train_x[fit_idx], train_y[fit_idx], lrs, epochs=epochs, batch_size=batch_size,
-                 optimizer=optimizer, weight_decay=wd, seed=seed, device=dev, progress=progress, desc="linear probe")
+                 optimizer=optimizer, weight_decay=wd, seed=seed, device=dev, progress=progress, desc="linear probe",
+                 held_out=lambda: grid_accuracy(heads, train_x[held_idx], train_y[held_idx], device=dev),
+                 patience=patience)
         best, grid = select(grid_accuracy(heads, train_x[held_idx], train_y[held_idx], device=dev).tolist(), lrs)
         value = float(grid_accuracy(heads, eval_x, eval_y, device=dev)[best])
     return ProbeResult("linear", "accuracy", value, lrs[best], grid, chance, n, m,
@@ -136,7 +138,7 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, eval_toke
                     epochs: int = DEFAULT_EPOCHS["attentive"], batch_size: int = DEFAULT_BATCH["attentive"],
                     optimizer: str = "adamw", weight_decay: float | None = None, holdout: float = 0.2,
                     seed: int = 0, device: str | torch.device = "auto", threads: int | None = None,
-                    progress: bool = False) -> ProbeResult:
+                    patience: int = 0, progress: bool = False) -> ProbeResult:
     """AIM-style attentive probe (:class:`~analysis.probes.heads.AttentiveGrid`) on patch tokens
     train_tokens [N, L, D] / eval_tokens [M, L, D] (float16 or float32), labels int64 [N] / [M].
     ``attn_heads`` defaults to D // 64 (ViT's 64-d heads), at least 1."""
@@ -155,10 +157,11 @@ def attentive_probe(train_tokens: torch.Tensor, train_y: torch.Tensor, eval_toke
     # per step: attention logits + pooling over B·L tokens for every (lr, query, head), + values
     macs = batch_size * len(lrs) * num_queries * (2 * L * D * heads_n + D * D)
     with intra_op_threads(macs, threads):
+        bs = max(1, (1 << 16) // max(1, L))
         fit_grid(heads, train_tokens[fit_idx], train_y[fit_idx], lrs, epochs=epochs, batch_size=batch_size,
                  optimizer=optimizer, weight_decay=wd, seed=seed, device=dev, progress=progress,
-                 desc="attentive probe")
-        bs = max(1, (1 << 16) // max(1, L))
+                 desc="attentive probe", patience=patience,
+                 held_out=lambda: grid_accuracy(heads, train_tokens[held_idx], train_y[held_idx], bs, dev))
         best, grid = select(grid_accuracy(heads, train_tokens[held_idx], train_y[held_idx], bs, dev).tolist(), lrs)
         value = float(grid_accuracy(heads, eval_tokens, eval_y, bs, dev)[best])
     return ProbeResult("attentive", "accuracy", value, lrs[best], grid, majority_chance(train_y, eval_y),

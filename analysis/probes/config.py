@@ -71,6 +71,8 @@ class ProbeConfig:
                                            "dense counts images)", low=1)
     holdout: float = setting(0.2, "fraction of the training data that picks the lr", low=0, high=1,
                              low_open=True, high_open=True)
+    patience: int = setting(10, "stop training once no head's held-out score improved for this many epochs "
+                                "(each head keeps its best epoch; 0 = run every epoch)", low=0)
     k: int = setting(20, "k-NN: neighbours", low=1)
     temperature: float = setting(0.07, "k-NN: T in exp(sim / T)", low=0, low_open=True)
     Cs: tuple[float, ...] | None = setting(None, "sklearn: C grid (default 0.01,0.1,1,10,100)", low=0,

@@ -62,7 +62,7 @@ def dense_probe(train_tokens: torch.Tensor, train_patch_labels: torch.Tensor, tr
                 num_labels: int | None = None, upsample: str = "bilinear", lrs: Sequence[float] | None = None,
                 epochs: int = DEFAULT_EPOCHS["dense"], batch_size: int = DEFAULT_BATCH["dense"],
                 optimizer: str = "sgd", weight_decay: float | None = None, holdout: float = 0.2, seed: int = 0,
-                device: str | torch.device = "auto", threads: int | None = None,
+                device: str | torch.device = "auto", threads: int | None = None, patience: int = 0,
                 progress: bool = False) -> ProbeResult:
     """Dense per-patch linear probe scored by pixel mIoU.
 
@@ -87,7 +87,9 @@ def dense_probe(train_tokens: torch.Tensor, train_patch_labels: torch.Tensor, tr
     with intra_op_threads(batch_size * L * D * C * len(lrs), threads):
         fit_grid(heads, train_tokens[fit_idx], train_patch_labels[fit_idx], lrs, epochs=epochs,
                  batch_size=batch_size, optimizer=optimizer, weight_decay=wd, seed=seed, device=dev,
-                 progress=progress, desc="dense probe")
+                 progress=progress, desc="dense probe", patience=patience,
+                 held_out=lambda: grid_miou(heads, train_tokens[held_idx], train_maps[held_idx], C, grid_hw,
+                                            upsample=upsample, device=dev)[0])
         held, _ = grid_miou(heads, train_tokens[held_idx], train_maps[held_idx], C, grid_hw, upsample=upsample,
                             device=dev)
         best, grid = select(held, lrs)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -109,7 +109,8 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
 def fit_grid(grid: nn.Module, x: torch.Tensor, y: torch.Tensor, lrs: Sequence[float], *,
              epochs: int, batch_size: int, optimizer: str = "sgd", weight_decay: float = 0.0,
              seed: int = 0, device: str | torch.device = "auto", progress: bool = False,
-             desc: str = "probe") -> list[float]:
+             desc: str = "probe", held_out: Callable[[], Sequence[float]] | None = None,
+             patience: int = 0) -> list[float]:
     """Train every head of ``grid`` (head g with lr ``lrs[g]``) in one pass over (x, y).
 
     x: features [N, ...] (any float dtype; upcast per minibatch, so float16 token caches stay
@@ -117,7 +118,12 @@ def fit_grid(grid: nn.Module, x: torch.Tensor, y: torch.Tensor, lrs: Sequence[fl
     all heads on the minibatch, loss = Σ_g mean-CE(head g), per-head param groups in one
     optimizer; :func:`lr_factor` schedule with warmup over the first 10 % of steps. The grid is
     moved to ``device`` (``auto``: CUDA, else MPS, else CPU). Deterministic given ``seed``.
-    Returns the mean training loss per epoch (summed over heads).
+
+    Early stopping: with ``held_out`` (→ the held-out score of every head) and ``patience`` > 0,
+    each head's held-out score is checked after every epoch past the warmup; each head keeps the
+    parameters of its best check, and training stops once no head has improved for ``patience``
+    checks — epochs the held-out score no longer rewards are not spent.
+    Returns the mean training loss per epoch run (summed over heads).
     """
     device = resolve_device(device)
     grid.to(device).train()
@@ -139,6 +145,9 @@ def fit_grid(grid: nn.Module, x: torch.Tensor, y: torch.Tensor, lrs: Sequence[fl
     warmup = total // 10  # the first 10 % of steps (MAE's linear-probe schedule)
     G = len(lrs)
     step, history = 0, []
+    best = [float("-inf")] * G
+    kept: dict[int, list[torch.Tensor]] = {}  # head → its parameters at its best held-out check
+    stale = 0
     for _ in tqdm(range(epochs), desc=desc, unit="ep", disable=not progress, leave=False, file=sys.stderr):
         running, count = 0.0, 0
         for idx in minibatches(n, batch_size, gen):
@@ -159,6 +168,21 @@ def fit_grid(grid: nn.Module, x: torch.Tensor, y: torch.Tensor, lrs: Sequence[fl
             count += 1
             step += 1
         history.append(running / max(1, count))
+        if held_out is None or patience <= 0 or step < warmup:
+            continue
+        scores = [float(v) for v in held_out()]
+        grid.train()
+        improved = [g for g in range(G) if scores[g] > best[g]]
+        for g in improved:
+            best[g] = scores[g]
+            kept[g] = [p.detach().clone() for ps in grid.head_params(g) for p in ps]
+        stale = 0 if improved else stale + 1
+        if stale >= patience:
+            break
+    with torch.no_grad():  # every head back to its best check
+        for g, values in kept.items():
+            for p, v in zip((p for ps in grid.head_params(g) for p in ps), values):
+                p.copy_(v)
     grid.eval()
     return history
 

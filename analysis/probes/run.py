@@ -70,7 +70,7 @@ def _probe(tr: Features, ev: Features, cfg: ProbeConfig, eval_data: str, device:
     """Run ``cfg.probe`` on the features of both splits."""
     train_kw: dict[str, Any] = dict(lrs=cfg.lrs, optimizer=cfg.resolved_optimizer, weight_decay=cfg.weight_decay,
                                     holdout=cfg.holdout, seed=cfg.seed, device=device, threads=cfg.threads,
-                                    progress=progress)
+                                    patience=cfg.patience, progress=progress)
     if cfg.epochs is not None:
         train_kw["epochs"] = cfg.epochs
     if cfg.batch_size is not None:
