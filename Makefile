@@ -36,6 +36,7 @@ bench: setup
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_analysis.py
 	$(PY) benchmarks/bench_probes.py
+	$(PY) benchmarks/bench_study.py
 	test ! -f benchmarks/bench_dashboard.py || $(PY) benchmarks/bench_dashboard.py
 
 clean:
