@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import re
 import time
 from pathlib import Path
@@ -38,7 +39,8 @@ from typing import Any, Iterator
 import yaml
 
 from .errors import RunFolderError
-from .io import MAX_TEXT_BYTES, atomic_write, atomic_write_json, atomic_write_text, is_regular_file, read_text
+from .io import (MAX_TEXT_BYTES, atomic_write, atomic_write_json, atomic_write_text, is_regular_file, open_regular,
+                 read_text)
 
 MARKER = ".rmae-run"
 LOCK = ".rmae-lock"
@@ -46,6 +48,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 MODEL = "model.safetensors"
 LATEST = "latest.json"
+CONFIG_HEADER = "# written by rmae; edit a copy, not this file (it rebuilds the model)\n"
 _STEP_RE = re.compile(r"^step_(\d{6,})\.(safetensors|state\.pt)$")
 _PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$")  # a file name, no path
 #: metrics.jsonl may be long (one line per logging step), but not unbounded
@@ -88,18 +91,31 @@ class RunFolder:
     # -- identity ------------------------------------------------------------------------------
 
     def is_run(self) -> bool:
-        """A folder rmae made: its marker, or (older runs) a config.yaml / latest.json / model file."""
-        return self.root.is_dir() and (self.marker.is_file() or self.config_path.is_file()
-                                       or self.latest_path.is_file() or self.model_path.is_file())
+        """A folder rmae made: its marker, or (older runs) a latest.json, a model file or a
+        config.yaml that rmae wrote (a user's own config.yaml does not make a folder a run)."""
+        return self.root.is_dir() and (self.marker.is_file() or self.latest_path.is_file()
+                                       or self.model_path.is_file() or self._config_written_by_rmae())
 
-    def create(self, kind: str = "pretrain") -> "RunFolder":
-        """Make the folder (or reuse it if it is already a run). A folder that exists, is not
-        empty and is not a run is refused: its files are the user's, not ours to overwrite."""
+    def _config_written_by_rmae(self) -> bool:
+        try:
+            with open_regular(self.config_path) as f:
+                return f.read(len(CONFIG_HEADER)) == CONFIG_HEADER.encode()
+        except (OSError, ValueError):
+            return False
+
+    def refuse_foreign(self) -> "RunFolder":
+        """Raise :class:`RunFolderError` if the path is anything but a run, an empty folder or
+        nothing: a file, or a folder of the user's files, is not ours to write into."""
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"{self.root}: exists and is not a folder; choose another --out")
         if self.holds_foreign_files():
             raise RunFolderError(f"{self.root}: is a folder with files that is not an rmae run; refusing to write "
                                  "into it (nothing was changed) — choose a new or empty folder for --out")
+        return self
+
+    def create(self, kind: str = "pretrain") -> "RunFolder":
+        """Make the folder (or reuse it if it is already a run); see :meth:`refuse_foreign`."""
+        self.refuse_foreign()
         for d in (self.root, self.checkpoints, self.figures):
             d.mkdir(parents=True, exist_ok=True)
         if not self.marker.is_file():
@@ -114,7 +130,11 @@ class RunFolder:
     @contextlib.contextmanager
     def lock(self) -> Iterator["RunFolder"]:
         """Exclusive writer lock (``flock`` on ``RUN/.rmae-lock``, released when the process dies).
-        A second writer gets one clear :class:`RunFolderError` at once instead of waiting."""
+        A second writer gets one clear :class:`RunFolderError` at once instead of waiting. A
+        folder the lock itself created is removed again if the writer failed before putting
+        anything in it (a config error leaves no empty run behind)."""
+        self.refuse_foreign()
+        created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -132,6 +152,10 @@ class RunFolder:
             yield self
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+            if created and [p.name for p in self.root.iterdir()] == [LOCK]:
+                with contextlib.suppress(OSError):
+                    (self.root / LOCK).unlink()
+                    self.root.rmdir()
 
     # -- config --------------------------------------------------------------------------------
 
@@ -139,7 +163,7 @@ class RunFolder:
         doc = dict(flat)
         if model_config is not None:
             doc["model_config"] = model_config
-        text = "# written by rmae; edit a copy, not this file (it rebuilds the model)\n" + yaml.safe_dump(doc, sort_keys=False)
+        text = CONFIG_HEADER + yaml.safe_dump(doc, sort_keys=False)
         atomic_write_text(self.config_path, text)
 
     def read_config(self) -> dict[str, Any]:
@@ -294,20 +318,36 @@ class RunFolder:
         latest = self.latest()
         if latest is None:
             return None
+        if latest.get("state") is None:
+            raise RunFolderError(f"{self.latest_path}: names no trainer state (an imported run cannot be resumed); "
+                                 "start a new run with --out")
         weights = self.checkpoints / latest["weights"]
-        state_path = self.checkpoints / str(latest.get("state"))
+        state_path = self.checkpoints / latest["state"]
         for p in (weights, state_path):
-            if not is_regular_file(p):
-                raise RunFolderError(f"{p}: missing (latest.json points at it); delete checkpoints/latest.json to "
-                                     "start over, or point it at an older step")
+            if p.is_symlink() or not is_regular_file(p):
+                raise RunFolderError(f"{p}: missing or not a regular file (latest.json points at it); delete "
+                                     "checkpoints/latest.json to start over, or point it at an older step")
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            from .checkpoint import refused_class
+
+            refused = refused_class(e)
+            if refused is None:  # damaged bytes, not a refused class
+                raise RunFolderError(f"{state_path}: cannot be read (not a torch.save file); delete "
+                                     "checkpoints/latest.json to start over, or point it at an older step") from None
+            raise RunFolderError(f"{state_path}: refused — it holds pickled objects other than tensors and plain "
+                                 f"containers ({refused}; rmae never runs code from a checkpoint); delete "
+                                 "checkpoints/latest.json to start over") from None
         except Exception as e:  # noqa: BLE001 - any failure here means an unusable state file
-            raise RunFolderError(f"{state_path}: cannot be read ({str(e).splitlines()[0][:160]}); delete "
+            why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise RunFolderError(f"{state_path}: cannot be read ({why}); delete "
                                  "checkpoints/latest.json to start over, or point it at an older step") from None
-        if not isinstance(state, dict) or not {"optimizer", "step", "rng"} <= set(state):
-            raise RunFolderError(f"{state_path}: not a trainer state (needs optimizer, step, rng); delete "
-                                 "checkpoints/latest.json to start over")
+        if not isinstance(state, dict) or not {"optimizer", "step", "rng"} <= set(state) \
+                or not isinstance(state["optimizer"], dict) or not isinstance(state["rng"], dict) \
+                or not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] < 0:
+            raise RunFolderError(f"{state_path}: not a trainer state (needs an optimizer mapping, a step count and "
+                                 "an rng mapping); delete checkpoints/latest.json to start over")
         return weights, state
 
     def clean_partial(self) -> list[str]:
