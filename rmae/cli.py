@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
         if "allocate" in str(e) and "memory" in str(e):
             return _err(command, MemoryError(OUT_OF_MEMORY))
         raise
+    except OSError as e:  # the file system said no: permissions, a full disk, a path through a file…
+        where = f"{e.filename}: " if e.filename else ""
+        return _err(command, OSError(f"{where}{e.strerror or e}"))
 
 
 if __name__ == "__main__":

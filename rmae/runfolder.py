@@ -32,6 +32,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -68,6 +69,23 @@ def file_digest(path: str | os.PathLike, _memo: dict[tuple, str] = {}) -> str:  
                 h.update(chunk)
         _memo[key] = h.hexdigest()
     return _memo[key]
+
+
+def _open_own_file(path: Path, flags: int) -> int:
+    """A descriptor of a file rmae appends to or locks in place (created if missing), refusing a
+    symlink, FIFO or device there: a run folder from elsewhere could point ``metrics.jsonl`` or
+    the lock file at any of the user's files, which would then be written through."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if os.path.islink(path):
+            raise RunFolderError(f"{path}: is a symbolic link; rmae writes only its own plain files in a run folder "
+                                 "— remove the link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunFolderError(f"{path}: is not a regular file (a device, pipe or socket); remove it")
+    return fd
 
 
 class RunFolder:
@@ -136,7 +154,7 @@ class RunFolder:
         self.refuse_foreign()
         created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_own_file(self.root / LOCK, os.O_RDWR)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -191,7 +209,7 @@ class RunFolder:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one line to ``metrics.jsonl`` (flushed and fsynced: a crash loses at most it)."""
-        with open(self.metrics_path, "a") as f:
+        with os.fdopen(_open_own_file(self.metrics_path, os.O_WRONLY | os.O_APPEND), "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())

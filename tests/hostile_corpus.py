@@ -6,7 +6,8 @@ A :class:`Case` builds its inputs in a fresh folder and returns the ``rmae`` arg
 matching ``pattern``) or ``"ok"`` (exit 0, stdout matching ``pattern`` and stderr matching
 ``stderr`` — the word a skipped input leaves). ``check`` runs afterwards and names anything
 lost or changed. ``tests/hostile_driver.py`` runs them; ``tests/test_hostile_engine.py``
-asserts. The table in the module docstring of the latter lists them with their outcomes.
+asserts. ``python tests/hostile_driver.py --table`` prints the corpus as a table: input → outcome,
+time, peak memory.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from safetensors.torch import save_file
 import rmae
 import rmae.cli  # noqa: F401
 import rmae.train.trainer  # noqa: F401
-from conftest import IMG, TINY, TINY_TRAIN, make_run, tiny_model
+from conftest import IMG, TINY_TRAIN, make_run, tiny_model
 
 # The scenes' texture bank (~1.5 s per size) is built once in the driver's parent, like the
 # imports; every forked case inherits it (as forked DataLoader workers do).
@@ -85,7 +86,7 @@ class Shared:
     def paths(self) -> dict[str, Path]:
         r = self.root
         return {"trained": r / "trained", "imported": r / "imported", "weights": r / "tiny.safetensors",
-                "huge_png": r / "huge" / "huge.png", "small_png": r / "small.png"}
+                "huge_png": r / "huge" / "huge.png", "huge_jpg": r / "huge" / "huge.jpg", "small_png": r / "small.png"}
 
 
 def _setup(folder: Path, _: dict) -> None:
@@ -102,7 +103,9 @@ def _setup(folder: Path, _: dict) -> None:
     paths["huge_png"].parent.mkdir()
     row = np.repeat(np.arange(8, dtype=np.uint8) * 30, 9000 // 8 + 1)[:9000]
     band = np.stack([row, 255 - row, row // 2], axis=-1)
-    Image.fromarray(np.broadcast_to(band, (9000, 9000, 3)).copy()).save(paths["huge_png"], compress_level=1)
+    huge = Image.fromarray(np.broadcast_to(band, (9000, 9000, 3)).copy())
+    huge.save(paths["huge_png"], compress_level=1)
+    huge.save(paths["huge_jpg"], quality=50)
     _png(paths["small_png"], 48, 64, seed=1)
     return None
 
@@ -384,6 +387,31 @@ _resume_case("keeps-user-files", "resume a run whose checkpoints/ holds user fil
              extra=("steps=4", "checkpoint_every=1"))
 
 
+def _victim_intact(folder: Path, shared: dict) -> str | None:
+    return None if (folder / "victim.txt").read_text() == "precious\n" else "a file outside the run was written through"
+
+
+def _plant_link(name: str) -> Callable[[Path], None]:
+    """The run's own file ``name`` replaced by a link to a user's file beside the run."""
+    def plant(run: Path) -> None:
+        (run.parent / "victim.txt").write_text("precious\n")
+        (run / name).unlink(missing_ok=True)
+        (run / name).symlink_to(run.parent / "victim.txt")
+    return plant
+
+
+_resume_case("lock-symlink", "the run's .rmae-lock a symlink to a user's file",
+             r"run/\.rmae-lock: is a symbolic link; rmae writes only its own plain files", _plant_link(".rmae-lock"),
+             check=_victim_intact)
+_resume_case("metrics-symlink", "the run's metrics.jsonl a symlink to a user's file",
+             r"run/metrics\.jsonl: is a symbolic link", _plant_link("metrics.jsonl"), check=_victim_intact)
+
+
+@case("out-through-a-file", "pretrain", "error", r"^/dev/null/run: Not a directory$", "pretrain --out /dev/null/run")
+def _(folder, shared):
+    return [*_pretrain()[:4], "/dev/null/run", *_pretrain()[5:]]
+
+
 @case("resume-nothing", "pretrain", "error", r"nowhere: no such run folder", "pretrain --resume a missing folder")
 def _(folder, shared):
     return ["pretrain", "--resume", "nowhere", "--no-progress"]
@@ -637,12 +665,12 @@ def _(folder, shared):
     return _precompute(f"folder:{folder / 'imgs'}", "slic")
 
 
-@case("precompute-huge-png", "regions precompute", "ok", r"^1 images .*1 computed",
-      "a 9000×9000 PNG (~250 KB) segmented with FH", timeout=120)
+@case("precompute-huge-jpeg", "regions precompute", "ok", r"^1 images .*1 computed",
+      "a 9000×9000 JPEG segmented with SLIC", timeout=120)
 def _(folder, shared):
     (folder / "imgs").mkdir()
-    os.symlink(shared["huge_png"], folder / "imgs" / "huge.png")
-    return _precompute(f"folder:{folder / 'imgs'}", "fh")
+    os.symlink(shared["huge_jpg"], folder / "imgs" / "huge.jpg")
+    return _precompute(f"folder:{folder / 'imgs'}", "slic:16")
 
 
 @case("pretrain-huge-png", "pretrain", "ok", r"run folder: run +\(step 1",

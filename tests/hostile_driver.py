@@ -24,6 +24,7 @@ import json
 import os
 import resource
 import runpy
+import shutil
 import signal
 import sys
 import tempfile
@@ -117,16 +118,19 @@ def main(names: list[str]) -> int:
 
     cases = [c for c in corpus.CASES if not names or c.name in names]
     root = Path(tempfile.mkdtemp(prefix="rmae-hostile-"))
-    shared = corpus.Shared(root / "shared")
-    setup = run_case(corpus.SETUP, root / "shared", {})
-    if setup["rc"] != 0:
-        print(json.dumps({"name": "<setup>", **setup}), flush=True)
-        return 1
-    baseline = run_case(corpus.BASELINE, root / "baseline", shared.paths())
-    print(json.dumps({"name": "<baseline>", **baseline}), flush=True)
-    for case in cases:
-        print(json.dumps(run_case(case, root / case.name, shared.paths())), flush=True)
-    return 0
+    try:
+        shared = corpus.Shared(root / "shared")
+        setup = run_case(corpus.SETUP, root / "shared", {})
+        if setup["rc"] != 0:
+            print(json.dumps(setup), flush=True)
+            return 1
+        print(json.dumps(run_case(corpus.BASELINE, root / "baseline", shared.paths())), flush=True)
+        for case in cases:
+            print(json.dumps(run_case(case, root / case.name, shared.paths())), flush=True)
+        return 0
+    finally:
+        if not os.environ.get("RMAE_HOSTILE_KEEP"):  # set it to look at a case's folder afterwards
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+import yaml
 
 import hostile_corpus as corpus
+import rmae
 from conftest import PY, ROOT, TINY_TRAIN, subprocess_env
 
 DRIVER = ROOT / "tests" / "hostile_driver.py"
@@ -80,7 +81,7 @@ def corpus_results(request) -> dict[str, dict]:
     selected = [item.callspec.params["case"].name for item in request.session.items
                 if item.module is sys.modules[__name__] and hasattr(item, "callspec") and "case" in item.callspec.params]
     proc = subprocess.run([PY, str(DRIVER), *selected], capture_output=True, text=True, timeout=1200,
-                          env={**subprocess_env(Path(os.environ.get("TMPDIR", "/tmp"))), "PYTHONPATH": str(ROOT)})
+                          env=subprocess_env(Path(os.environ.get("TMPDIR", "/tmp"))))
     rows = {}
     for line in proc.stdout.splitlines():
         row = json.loads(line)
@@ -95,3 +96,131 @@ def test_corpus_case(case: corpus.Case, corpus_results: dict[str, dict]) -> None
     assert result is not None, f"{case.name} was not run (the driver died before it)"
     found = problems(case, result, corpus_results["<baseline>"]["maxrss_mb"])
     assert not found, f"{case.summary}:\n" + "\n".join(found)
+
+
+# ---------------------------------------------------------------------------------------------
+# processes: two writers, a killed trainer
+
+
+def _rmae(*args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([PY, "-m", "rmae", *args], cwd=cwd, env=subprocess_env(cwd), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _training(run: Path, proc: subprocess.Popen) -> bool:
+    """True once ``proc`` logged a training step into ``run`` (fails if it exited instead)."""
+    assert proc.poll() is None, f"the trainer exited early:\n{proc.communicate()[1][-3000:]}"
+    return (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size > 0
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+LONG_RUN = ["pretrain", "--config", "demo", "--out", "run", *TINY_TRAIN, "steps=100000", "log_every=1",
+            "checkpoint_every=2", "figure_every=0", "region_cache=none", "--no-progress"]
+
+
+def test_a_second_writer_is_refused_at_once_and_the_first_run_stays_whole(tmp_path):
+    """Two `rmae pretrain` on one folder (the second with another model, the way a config mix-up
+    happens): the second stops with one line naming the first's pid; the first's folder still
+    holds one model's config and weights that fit it."""
+    first = _rmae(*LONG_RUN, cwd=tmp_path)
+    try:
+        _wait_for(lambda: _training(tmp_path / "run", first), 120, "the first trainer's first step")
+        others = [_rmae(*LONG_RUN, "model=mae_vit_tiny_patch8", cwd=tmp_path),
+                  _rmae("pretrain", "--resume", "run", "--no-progress", cwd=tmp_path)]
+        results = [(p.communicate(timeout=120)[1], p.returncode) for p in others]
+        _wait_for(lambda: (tmp_path / "run" / "checkpoints" / "latest.json").is_file(), 120, "a checkpoint")
+    finally:
+        first.send_signal(signal.SIGINT)
+        out, err = first.communicate(timeout=60)
+    for stderr, code in results:
+        lines = _stderr_lines(stderr)
+        assert code == 2 and len(lines) == 1, stderr
+        assert re.fullmatch(rf"rmae pretrain: error: run: another rmae process \(pid {first.pid}\) is writing this run; "
+                            r"wait for it to finish, or use another --out", lines[0]), lines[0]
+    assert first.returncode == 130 and "rmae pretrain: interrupted" in err
+    doc = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert doc["model"] == "rmae_vit_tiny_patch8" and doc["model_config"]["family"] == "rmae"
+    model = rmae.load_model(tmp_path / "run")  # weights and config of the same model, strictly
+    assert model.config.family == "rmae" and model.config.depth == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # one writer's log, no interleaving
+
+
+def test_data_workers_die_with_a_killed_trainer(tmp_path):
+    """SIGKILL of `rmae pretrain num_workers=2`: its DataLoader workers are gone within a second
+    or two (the kernel kills them with their parent; torch's own watchdog alone takes up to 5 s)."""
+    trainer = _rmae(*LONG_RUN, "num_workers=2", cwd=tmp_path)
+    try:
+        _wait_for(lambda: _training(tmp_path / "run", trainer), 120, "the first training step")
+        workers = _children(trainer.pid)
+        assert len(workers) >= 2, f"expected the 2 data workers as children, found {workers}"
+    finally:
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.communicate(timeout=30)
+    deadline = time.monotonic() + 3
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [w for w in workers if _alive(w)], "data workers outlived their killed trainer"
+
+
+_BUSY_LOADER = """
+import time
+import numpy as np
+from rmae.data import BaseDataset, RegionDataset, RegionLoader
+
+class Slow(BaseDataset):
+    def __len__(self):
+        return 8
+    def load(self, index):
+        time.sleep(60)  # a worker busy with one item (FH on a large photo) when the trainer dies
+        return {"image": np.zeros((32, 32, 3), np.uint8), "key": str(index)}
+
+for batch in RegionLoader(RegionDataset(Slow(), source=None, cache=None, image_size=32), num_workers=2):
+    pass
+"""
+
+
+def test_busy_data_workers_die_with_their_parent(tmp_path):
+    """Workers in the middle of an item when the parent is killed: torch's watchdog would only
+    notice after the item; ``end_with_parent`` has the kernel kill them at once."""
+    parent = subprocess.Popen([PY, "-c", _BUSY_LOADER], env=subprocess_env(tmp_path), start_new_session=True)
+    try:
+        _wait_for(lambda: len(_children(parent.pid)) >= 2, 60, "two data workers")
+        workers = _children(parent.pid)
+        time.sleep(1)  # both are inside load() now
+    finally:
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+    deadline = time.monotonic() + 3
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    alive = [w for w in workers if _alive(w)]
+    for w in alive:
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "busy data workers outlived their killed parent"

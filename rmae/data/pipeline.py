@@ -20,6 +20,9 @@
 Skipped files: workers record them in their own copy of the dataset; every batch carries them
 (``batch["skipped"]``). With your own DataLoader call ``dataset.skips.merge(batch["skipped"])``
 per batch so ``dataset.summary()`` in the main process is complete (RegionLoader does this).
+A user error inside a worker (no readable file left, a missing label map) arrives as a batch
+``{"_error": exc}`` rather than as torch's re-raised copy with the worker's traceback pasted into
+its message; ``raise batch["_error"]`` (RegionLoader does) gives the one-line error itself.
 
 Reproducibility: the augmentation and region choice of item ``i`` come from
 ``np.random.default_rng([seed, epoch, i])`` — independent of worker count and order, so a run

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from ..data import RegionDataset, RegionLoader, build_dataset, collate_regions
-from ..errors import CheckpointError, UserError
+from ..errors import CheckpointError, TrainingDiverged
 from ..models import MaskedAutoencoderViT, create_model
 from ..runfolder import RunFolder
 from .config import ConfigError, TrainConfig, config_from_dict
@@ -35,10 +35,6 @@ from .rng import capture_rng, restore_rng
 # keys that may change when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = {"steps", "epochs", "num_workers", "device", "log_every", "checkpoint_every",
                      "figure_every", "keep_checkpoints", "region_cache", "compile"}
-
-
-class TrainingDiverged(UserError, RuntimeError):
-    """The loss became NaN or inf; the run folder keeps its last good checkpoint."""
 
 
 @dataclass
