@@ -257,8 +257,10 @@ class RunFolder:
             return None
         try:
             doc = json.loads(read_text(self.latest_path, 64 * 1024))
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, OSError) as e:
-            raise RunFolderError(f"{self.latest_path}: unreadable ({type(e).__name__}); delete it to fall back to the "
+        except (ValueError, OSError) as e:
+            why = {UnicodeDecodeError: "not UTF-8", json.JSONDecodeError: "not JSON"}.get(
+                type(e), str(e).replace(f"{self.latest_path}: ", ""))
+            raise RunFolderError(f"{self.latest_path}: unreadable ({why}); delete it to fall back to the "
                                  "newest checkpoint") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("weights"), str) \
                 or not isinstance(doc.get("step", 0), int) or isinstance(doc.get("step", 0), bool):

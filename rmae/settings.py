@@ -107,7 +107,7 @@ def load_yaml_file(path: str | Path, what: str = "config") -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; a {what} is a YAML file") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot be read as a {what} ({e})") from None
+        raise ConfigError(f"{path}: cannot be read as a {what} ({str(e).replace(f'{path}: ', '')})") from None
     try:
         loaded = yaml_load(text)
     except yaml.YAMLError as e:

@@ -2,6 +2,7 @@
 print one JSON line per case.
 
     python tests/hostile_driver.py [NAME ...]        # all cases when no name is given
+    python tests/hostile_driver.py --table [NAME ...]  # the same, as a Markdown table
 
 rmae, torch and the data libraries are imported once; each case then runs in a process forked
 from this idle parent (it has run no torch op, so the fork is safe), exactly as
@@ -112,8 +113,32 @@ def run_case(case, folder: Path, shared: dict) -> dict:
             "driver": text("driver.txt")}
 
 
+def _outcome(case, row: dict) -> str:
+    """What the user saw: the error line, or the skip / warning word and the result line."""
+    lines = [line for line in row["stderr"].splitlines() if line.strip() and "subcommand plugin" not in line]
+    if case.expect == "error":
+        return "error: " + (lines[-1].split(": error: ", 1)[-1] if lines else "(none)")
+    words = [line for line in lines if line.startswith("rmae.data: ")]
+    result = (row["stdout"].strip().splitlines() or [""])[0]
+    return ("skip/warn: " + words[0][len("rmae.data: "):] + "; " if words else "handled; ") + result
+
+
+def table(rows: list[dict], cases: dict) -> str:
+    base = next(r["maxrss_mb"] for r in rows if r["name"] == "<baseline>")
+    out = [f"baseline (forked after the imports): {base:.0f} MB peak RSS", "",
+           "| case | input | outcome | s | peak MB over baseline |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["name"] in cases:
+            c = cases[r["name"]]
+            text = _outcome(c, r).replace("|", "\\|")
+            out.append(f"| {c.name} | {c.summary} | {text[:220]} | {r['wall_s']:.1f} | {r['maxrss_mb'] - base:.0f} |")
+    return "\n".join(out)
+
+
 def main(names: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    as_table = "--table" in names
+    names = [n for n in names if n != "--table"]
     import hostile_corpus as corpus  # imports rmae, torch, the data libraries: once, here
 
     cases = [c for c in corpus.CASES if not names or c.name in names]
@@ -124,9 +149,13 @@ def main(names: list[str]) -> int:
         if setup["rc"] != 0:
             print(json.dumps(setup), flush=True)
             return 1
-        print(json.dumps(run_case(corpus.BASELINE, root / "baseline", shared.paths())), flush=True)
-        for case in cases:
-            print(json.dumps(run_case(case, root / case.name, shared.paths())), flush=True)
+        rows = []
+        for case, folder in [(corpus.BASELINE, "baseline"), *((c, c.name) for c in cases)]:
+            rows.append(run_case(case, root / folder, shared.paths()))
+            if not as_table:
+                print(json.dumps(rows[-1]), flush=True)
+        if as_table:
+            print(table(rows, {c.name: c for c in cases}))
         return 0
     finally:
         if not os.environ.get("RMAE_HOSTILE_KEEP"):  # set it to look at a case's folder afterwards

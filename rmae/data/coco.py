@@ -130,9 +130,10 @@ def _rle(seg: dict, h: int, w: int) -> dict:
         runs = _rle_string_counts(counts)
     else:
         raise _Bad(f"its RLE counts are a {type(counts).__name__}, not a list or a string")
-    if any(v < 0 for v in runs) or sum(runs) != h * w:
-        raise _Bad(f"its RLE counts add up to {sum(runs)} with negatives={any(v < 0 for v in runs)}, "
-                   f"not to the image's {h}x{w} = {h * w} pixels")
+    if any(v < 0 for v in runs):
+        raise _Bad("its RLE counts include a negative run length")
+    if sum(runs) != h * w:
+        raise _Bad(f"its RLE counts add up to {sum(runs)}, not to the image's {w}x{h} = {h * w} pixels")
     if isinstance(counts, list):
         return {"size": [h, w], "counts": counts}
     return {"size": [h, w], "counts": counts.encode("ascii")}
@@ -179,15 +180,15 @@ def _read_document(path: Path, spec: str) -> dict:
         raise DataError(f"{spec}: annotation file '{path}' does not exist — give a COCO instances JSON, "
                         "e.g. annotations/instances_val2017.json") from None
     except (IsADirectoryError, ValueError, RecursionError, OSError) as err:  # JSONDecodeError, bad UTF-8
-        why = " ".join(str(err).split())[:200]
-        raise DataError(f"{spec}: '{path}' is not a COCO instances JSON ({why})") from None
+        why = " ".join(str(err).replace(f"{path}: ", "").split())[:200]
+        raise DataError(f"{path}: is not a COCO instances JSON ({why})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-        raise DataError(f"{spec}: '{path}' is not a COCO instances JSON (expected a mapping with an "
-                        f"\"images\" list, got {type(doc).__name__})")
+        got = type(doc.get("images") if isinstance(doc, dict) else doc).__name__
+        raise DataError(f"{path}: is not a COCO instances JSON (expected a mapping with an \"images\" list, got {got})")
     for key in ("annotations", "categories"):
         if not isinstance(doc.get(key, []), list):
-            raise DataError(f"{spec}: '{path}' is not a COCO instances JSON (\"{key}\" is a "
-                            f"{type(doc[key]).__name__}, not a list)")
+            raise DataError(f"{path}: is not a COCO instances JSON (\"{key}\" is a {type(doc[key]).__name__}, "
+                            "not a list)")
     return doc
 
 
