@@ -508,6 +508,31 @@ def _(folder, shared):
 
 
 # ---------------------------------------------------------------------------------------------
+# finetune
+
+
+_FINETUNE = ["--task", "classify", "--no-progress", "data=scenes:train:32", "batch_size=16", "steps=1", "num_workers=0"]
+
+
+@case("finetune-missing-run", "finetune", "error", r"^nowhere: no such file or folder$", "finetune a missing run")
+def _(folder, shared):
+    return ["finetune", "nowhere", *_FINETUNE]
+
+
+@case("finetune-out-user-folder", "finetune", "error", r"mine: is a folder with files that is not an rmae run",
+      "finetune --out a folder of the user's files", check=_unchanged)
+def _(folder, shared):
+    _user_folder(folder)
+    return ["finetune", str(_copy(shared, "imported", folder)), "--out", "mine", *_FINETUNE]
+
+
+@case("finetune-layer-decay-0", "finetune", "error", r"finetune settings: layer_decay=0\.0 is out of range; it must be > 0",
+      "finetune layer_decay=0")
+def _(folder, shared):
+    return ["finetune", str(_copy(shared, "imported", folder)), *_FINETUNE, "layer_decay=0"]
+
+
+# ---------------------------------------------------------------------------------------------
 # export
 
 

@@ -144,49 +144,58 @@ LONG_RUN = ["pretrain", "--config", "demo", "--out", "run", *TINY_TRAIN, "steps=
             "checkpoint_every=2", "figure_every=0", "region_cache=none", "--no-progress"]
 
 
-def test_a_second_writer_is_refused_at_once_and_the_first_run_stays_whole(tmp_path):
-    """Two `rmae pretrain` on one folder (the second with another model, the way a config mix-up
-    happens): the second stops with one line naming the first's pid; the first's folder still
-    holds one model's config and weights that fit it."""
-    first = _rmae(*LONG_RUN, cwd=tmp_path)
+@pytest.fixture(scope="module")
+def contested_run(tmp_path_factory) -> dict:
+    """One trainer (with 2 data workers) writing a run; while it trains, a second `rmae pretrain`
+    on the same folder with another model (the way a config mix-up happens) and a `--resume` of
+    it; then the first is killed with SIGKILL. Records what each process did."""
+    tmp = tmp_path_factory.mktemp("contested")
+    first = _rmae(*LONG_RUN, "num_workers=2", cwd=tmp)
     try:
-        _wait_for(lambda: _training(tmp_path / "run", first), 120, "the first trainer's first step")
-        others = [_rmae(*LONG_RUN, "model=mae_vit_tiny_patch8", cwd=tmp_path),
-                  _rmae("pretrain", "--resume", "run", "--no-progress", cwd=tmp_path)]
-        results = [(p.communicate(timeout=120)[1], p.returncode) for p in others]
-        _wait_for(lambda: (tmp_path / "run" / "checkpoints" / "latest.json").is_file(), 120, "a checkpoint")
+        _wait_for(lambda: _training(tmp / "run", first), 120, "the first trainer's first step")
+        _wait_for(lambda: (tmp / "run" / "checkpoints" / "latest.json").is_file(), 120, "a checkpoint")
+        others = [_rmae(*LONG_RUN, "model=mae_vit_tiny_patch8", cwd=tmp),
+                  _rmae("pretrain", "--resume", "run", "--no-progress", cwd=tmp)]
+        competitors = [(p.communicate(timeout=120)[1], p.returncode) for p in others]
+        still_training = first.poll() is None
+        workers = _children(first.pid)
     finally:
-        first.send_signal(signal.SIGINT)
-        out, err = first.communicate(timeout=60)
-    for stderr, code in results:
-        lines = _stderr_lines(stderr)
-        assert code == 2 and len(lines) == 1, stderr
-        assert re.fullmatch(rf"rmae pretrain: error: run: another rmae process \(pid {first.pid}\) is writing this run; "
-                            r"wait for it to finish, or use another --out", lines[0]), lines[0]
-    assert first.returncode == 130 and "rmae pretrain: interrupted" in err
-    doc = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert doc["model"] == "rmae_vit_tiny_patch8" and doc["model_config"]["family"] == "rmae"
-    model = rmae.load_model(tmp_path / "run")  # weights and config of the same model, strictly
-    assert model.config.family == "rmae" and model.config.depth == 2
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, len(steps) + 1))  # one writer's log, no interleaving
-
-
-def test_data_workers_die_with_a_killed_trainer(tmp_path):
-    """SIGKILL of `rmae pretrain num_workers=2`: its DataLoader workers are gone within a second
-    or two (the kernel kills them with their parent; torch's own watchdog alone takes up to 5 s)."""
-    trainer = _rmae(*LONG_RUN, "num_workers=2", cwd=tmp_path)
-    try:
-        _wait_for(lambda: _training(tmp_path / "run", trainer), 120, "the first training step")
-        workers = _children(trainer.pid)
-        assert len(workers) >= 2, f"expected the 2 data workers as children, found {workers}"
-    finally:
-        os.kill(trainer.pid, signal.SIGKILL)
-        trainer.communicate(timeout=30)
+        os.kill(first.pid, signal.SIGKILL)
+        first.communicate(timeout=30)
     deadline = time.monotonic() + 3
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not [w for w in workers if _alive(w)], "data workers outlived their killed trainer"
+    survivors = [w for w in workers if _alive(w)]
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    return {"run": tmp / "run", "pid": first.pid, "competitors": competitors, "still_training": still_training,
+            "workers": workers, "survivors": survivors}
+
+
+def test_a_second_writer_is_refused_at_once(contested_run):
+    assert contested_run["still_training"], "the first trainer stopped while the others ran"
+    for stderr, code in contested_run["competitors"]:
+        lines = _stderr_lines(stderr)
+        assert code == 2 and len(lines) == 1, stderr
+        assert re.fullmatch(rf"rmae pretrain: error: run: another rmae process \(pid {contested_run['pid']}\) is writing "
+                            r"this run; wait for it to finish, or use another --out", lines[0]), lines[0]
+
+
+def test_the_first_writers_run_stays_whole(contested_run):
+    """After the refused writers and a SIGKILL: one model's config, weights that fit it, one log."""
+    run = contested_run["run"]
+    doc = yaml.safe_load((run / "config.yaml").read_text())
+    assert doc["model"] == "rmae_vit_tiny_patch8" and doc["model_config"]["family"] == "rmae"
+    model = rmae.load_model(run)  # weights and config of the same model, strictly
+    assert model.config.family == "rmae" and model.config.depth == 2
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # one writer's log, no interleaving
+
+
+def test_data_workers_die_with_a_killed_trainer(contested_run):
+    """SIGKILL of `rmae pretrain num_workers=2`: its DataLoader workers are gone within 3 s."""
+    assert len(contested_run["workers"]) >= 2, f"expected 2 data workers, found {contested_run['workers']}"
+    assert not contested_run["survivors"], "data workers outlived their killed trainer"
 
 
 _BUSY_LOADER = """
