@@ -13,7 +13,14 @@ Our format: a ``.safetensors`` file of weights whose metadata carries the full m
 - a timm ViT state dict (``.pth``/``.bin``/``.safetensors``).
 
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with one class
-allow-listed (``argparse.Namespace``, what MAE's trainer saves), or safetensors.
+allow-listed (``argparse.Namespace``, what MAE's trainer saves), or safetensors. A file is
+hostile until checked: only regular files are opened, the tensors that tell a config are checked
+for rank and size before any arithmetic on their shapes, and the inferred config is range-checked
+(:mod:`rmae.models.config`) before a weight is allocated — every failure is a one-line
+:class:`CheckpointError` naming the file.
+
+(Over 400 lines on purpose: detecting a layout, inferring its config and loading it share the
+knowledge of every layout's key names; split, each part would need the others.)
 """
 
 from __future__ import annotations

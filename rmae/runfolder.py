@@ -20,7 +20,13 @@ run killed at any instant resumes from a whole checkpoint. A writer holds an exc
 (:meth:`RunFolder.lock`), so two processes can never interleave their files in one folder.
 
 Reading is confined by construction: the weights file ``latest.json`` names must be a plain file
-name inside ``checkpoints/`` and a regular file; small files are read with a size limit.
+name inside ``checkpoints/`` and a regular file; small files are read with a size limit. Writing
+never goes through a link: files are replaced atomically (a symlink, device or folder in their
+place is refused) and the two files written in place, ``metrics.jsonl`` and the lock, are opened
+with ``O_NOFOLLOW``. A user's folder (files, but no marker and no config rmae wrote) is never
+written into.
+
+(Over 400 lines on purpose: this is the one owner of the run-folder format, reading and writing.)
 """
 
 from __future__ import annotations
