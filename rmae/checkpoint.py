@@ -13,7 +13,14 @@ Our format: a ``.safetensors`` file of weights whose metadata carries the full m
 - a timm ViT state dict (``.pth``/``.bin``/``.safetensors``).
 
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with one class
-allow-listed (``argparse.Namespace``, what MAE's trainer saves), or safetensors.
+allow-listed (``argparse.Namespace``, what MAE's trainer saves), or safetensors. A file is
+hostile until checked: only regular files are opened, the tensors that tell a config are checked
+for rank and size before any arithmetic on their shapes, and the inferred config is range-checked
+(:mod:`rmae.models.config`) before a weight is allocated — every failure is a one-line
+:class:`CheckpointError` naming the file.
+
+(Over 400 lines on purpose: detecting a layout, inferring its config and loading it share the
+knowledge of every layout's key names; split, each part would need the others.)
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import pickle
 import re
 import struct
 import warnings
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +40,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .io import atomic_write, is_regular_file
+from .io import atomic_write, is_regular_file, open_regular
 from .models import MaskedAutoencoderViT, ModelConfig, build_model
 from .models.config import HEADS_BY_WIDTH, model_keywords
+from .settings import ConfigError
 from .runfolder import RunFolder
 
 FORMAT_KEY = "rmae_config"
@@ -60,9 +67,12 @@ def save_model(model: MaskedAutoencoderViT, path: str | os.PathLike, metadata: d
 
 def _sniff(path: Path) -> str:
     """'safetensors' | 'torch-zip' | 'torch-legacy' by the file's first bytes."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        with open_regular(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(9)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot be opened as a checkpoint ({e})") from None
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
     if len(head) == 9 and head[8:9] == b"{":
@@ -82,15 +92,32 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        refused = refused_class(e)
+        if refused is None:  # damaged bytes, not a refused class
+            raise CheckpointError(f"{path}: cannot be read as a torch checkpoint (not a torch.save file); the file is "
+                                  "probably truncated or corrupt — copy or download it again") from None
         raise CheckpointError(
             f"{path}: refused — the file contains pickled objects other than tensors and plain "
-            f"containers ({str(e).splitlines()[0][:200]}). rmae never runs code from a checkpoint. "
+            f"containers ({refused}). rmae never runs code from a checkpoint. "
             "If you trust the file, re-save just its weights: "
             "torch.save(torch.load(f, weights_only=False)['model'], 'weights.pth')"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({str(e).splitlines()[0][:200]}); "
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways inside torch.load; all mean the same
+        raise CheckpointError(f"{path}: cannot be read as a torch checkpoint ({type(e).__name__}: {_first_line(e)}); "
                               "the file is probably truncated or corrupt — copy or download it again") from None
+
+
+def refused_class(e: pickle.UnpicklingError) -> str | None:
+    """The class ``torch.load(weights_only=True)`` refused to unpickle (``GLOBAL posix.system``),
+    or None when the error is damaged bytes rather than a refusal."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    return f"GLOBAL {m.group(1)}" if m else None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -101,12 +128,13 @@ def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             meta = f.metadata() or {}
         return load_file(str(path)), meta
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot be read as safetensors ({e}); the file is probably truncated "
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({_first_line(e)}); the file is probably truncated "
                               "or corrupt — copy it again") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -116,9 +144,9 @@ def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         for key in ("model", "state_dict", "model_state_dict", "module", "ema"):
             if key in obj and _is_state_dict(obj[key]):
                 return obj[key]
-    found = sorted(obj)[:10] if isinstance(obj, dict) else type(obj).__name__
-    raise CheckpointError(f"{path}: no state dict found (top level holds {found}); expected a dict of tensors "
-                          "or {'model': dict of tensors}")
+    found = sorted(map(str, obj))[:10] if isinstance(obj, dict) else type(obj).__name__
+    raise CheckpointError(f"{path}: no state dict found (top level holds {str(found)[:200]}); expected a non-empty "
+                          "dict of names to tensors, or {'model': such a dict}")
 
 
 def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,13 +159,14 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _find_key(obj: Any, key: str) -> Any:
-    """Depth-first search of nested dicts for a key (official configs nest model params deeply)."""
-    if isinstance(obj, dict):
+def _find_key(obj: Any, key: str, depth: int = 8) -> Any:
+    """Depth-first search of nested dicts for a key (official configs nest model params some
+    levels deep); at most ``depth`` levels, so a hostile file cannot make it recurse without end."""
+    if isinstance(obj, dict) and depth > 0:
         if key in obj:
             return obj[key]
         for v in obj.values():
-            found = _find_key(v, key)
+            found = _find_key(v, key, depth - 1)
             if found is not None:
                 return found
     return None
@@ -148,12 +177,32 @@ def _find_key(obj: Any, key: str) -> Any:
 
 
 def _count(sd: dict[str, torch.Tensor], prefix: str) -> int:
-    idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+    idx = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"\.(\d{1,9})\.", k))}
     return max(idx) + 1 if idx else 0
+
+
+# The tensors whose shapes tell a model's config, and their ranks.
+_SHAPE_KEYS = {"patch_embed.proj.weight": 4, "pos_embed": 3, "blocks.0.mlp.fc1.weight": 2,
+               "region_patch_embed.proj.weight": 4, "region_cross_embed.weight": 2, "decoder_embed.weight": 2,
+               "head.weight": 2}
+
+
+def _check_shapes(sd: dict[str, torch.Tensor], path: Path) -> None:
+    """The config-telling tensors have their rank and no empty dimension; patches are square."""
+    for key, rank in _SHAPE_KEYS.items():
+        if key in sd and (sd[key].ndim != rank or 0 in sd[key].shape):
+            raise CheckpointError(f"{path}: {key} has shape {list(sd[key].shape)}, not a {rank}-d tensor of a ViT; "
+                                  "the file is not an MAE / R-MAE / timm ViT checkpoint")
+    for key in ("patch_embed.proj.weight", "region_patch_embed.proj.weight"):
+        if key in sd and sd[key].shape[2] != sd[key].shape[3]:
+            raise CheckpointError(f"{path}: {key} has non-square patches {list(sd[key].shape[2:])}; "
+                                  "MAE / R-MAE / timm ViTs have square ones")
 
 
 def describe_layout(sd: dict[str, torch.Tensor]) -> str:
     """A human description of what a state dict looks like (for error messages)."""
+    if any(key in sd and sd[key].ndim != rank for key, rank in _SHAPE_KEYS.items()):
+        return f"not a ViT state dict (tensors of unexpected rank; keys start {sorted(sd)[:5]})"
     if "patch_embed.proj.weight" not in sd:
         return f"not a ViT state dict (no patch_embed.proj.weight; keys start {sorted(sd)[:5]})"
     D, C, p, _ = sd["patch_embed.proj.weight"].shape
@@ -196,8 +245,12 @@ def _check_timm_features(sd: dict[str, torch.Tensor], path: Path) -> None:
 
 def infer_config(sd: dict[str, torch.Tensor], path: Path, hints: dict[str, Any]) -> tuple[ModelConfig, str]:
     """Model config from key names and shapes (+ hints read from the file). Returns (config, kind)."""
-    if "patch_embed.proj.weight" not in sd or "blocks.0.attn.qkv.weight" not in sd:
-        raise CheckpointError(f"{path}: {describe_layout(sd)}; expected an MAE / R-MAE / timm ViT checkpoint")
+    needed = ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight")
+    if any(k not in sd for k in needed):
+        missing = [k for k in needed if k not in sd]
+        raise CheckpointError(f"{path}: {describe_layout(sd)}; expected an MAE / R-MAE / timm ViT checkpoint "
+                              f"(missing {', '.join(missing)})")
+    _check_shapes(sd, path)
     _check_timm_features(sd, path)
     D, C, p, _ = sd["patch_embed.proj.weight"].shape
     cfg: dict[str, Any] = dict(embed_dim=D, in_chans=C, patch_size=p, depth=_count(sd, "blocks"),
@@ -216,6 +269,9 @@ def infer_config(sd: dict[str, torch.Tensor], path: Path, hints: dict[str, Any])
 
     has_region = "region_patch_embed.proj.weight" in sd
     has_pixel_dec = "decoder_pred.weight" in sd
+    if has_region and "region_cross_embed.weight" not in sd:
+        raise CheckpointError(f"{path}: has a region encoder but no region_cross_embed.weight (the neck); "
+                              "the R-MAE checkpoint is incomplete")
     if has_region:
         kind = "official R-MAE" if "region_proj.1.weight" in sd and "region_dec_mask_token" not in sd else "R-MAE"
         cfg["family"] = "rmae" if has_pixel_dec else "rae"
@@ -237,7 +293,10 @@ def infer_config(sd: dict[str, torch.Tensor], path: Path, hints: dict[str, Any])
         cfg.update(decoder_dim=sd["decoder_embed.weight"].shape[0], decoder_depth=_count(sd, "decoder_blocks"),
                    decoder_heads=16)
     cfg.update(hints)
-    return ModelConfig(**cfg), kind
+    try:
+        return ModelConfig(**cfg), kind
+    except ConfigError as e:  # e.g. 300 blocks, or a hint of the wrong type
+        raise CheckpointError(f"{path}: the model it describes cannot be built ({e})") from None
 
 
 def _hints_from_file(obj: Any) -> dict[str, Any]:
@@ -325,7 +384,8 @@ def load_model(path: str | os.PathLike, strict: bool = True, **overrides: Any) -
         try:
             config = ModelConfig.from_dict(cfg_dict)
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: its saved config does not build a model ({e})") from None
+            raise CheckpointError(f"{path}: its saved config does not build a model ({e}); re-export it, or load "
+                                  "the weights with an explicit model") from None
         kind = "rmae"
     else:
         config, kind = infer_config(sd, path, {**info, **overrides})
@@ -353,16 +413,15 @@ def _load_weights(model: MaskedAutoencoderViT, sd: dict[str, torch.Tensor], path
     unexpected = sorted(set(sd) - set(own))
     mismatched = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
     if strict and (missing or unexpected or mismatched):
-        lines = [f"{path}: does not fit the model built for it ({kind})."]
+        parts = [f"{path}: does not fit the model built for it ({kind})"]
         if missing:
-            lines.append(f"  missing keys ({len(missing)}): {missing[:8]}{' …' if len(missing) > 8 else ''}")
+            parts.append(f"missing keys ({len(missing)}): {missing[:8]}{' …' if len(missing) > 8 else ''}")
         if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
-        for k in mismatched[:8]:
-            lines.append(f"  shape of {k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}")
-        lines.append(f"  the file looks like: {describe_layout(sd)}")
-        lines.append("  pass the settings it cannot tell as keywords (e.g. img_size=, num_regions=, region_variant=)")
-        raise CheckpointError("\n".join(lines))
+            parts.append(f"unexpected keys ({len(unexpected)}): {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+        parts.extend(f"shape of {k}: file {list(sd[k].shape)} vs model {list(own[k].shape)}" for k in mismatched[:8])
+        parts.append(f"the file looks like: {describe_layout(sd)}")
+        raise CheckpointError("; ".join(parts) + ". Pass the settings it cannot tell as keywords "
+                              "(e.g. img_size=, num_regions=, region_variant=)")
     for k in mismatched:
         sd.pop(k)
     model.load_state_dict(sd, strict=False)

@@ -25,9 +25,12 @@ reads and writes; any checkpoint rmae can load becomes one with `rmae import`.
 """
 
 
+OUT_OF_MEMORY = "out of memory; use a smaller batch_size, num_workers, image size or model"
+
+
 def _err(command: str, exc: BaseException) -> int:
     """One line naming the command and what is wrong, exit status 2 (never a traceback)."""
-    msg = " ".join(str(exc).split()) if "\n" not in str(exc).strip() else str(exc).strip()
+    msg = " ".join(str(exc).split())
     print(f"rmae {command}: error: {msg or type(exc).__name__}", file=sys.stderr)
     return 2
 
@@ -78,11 +81,13 @@ def _pretrain(args) -> int:
 
     if args.resume:
         cfg = config_of_run(args.resume)
+        source = f"{args.resume}/config.yaml"
         if args.overrides:  # e.g. steps=2000 to extend a finished run
             values = cfg.to_flat_dict()
             values.update(dict(parse_override(o) for o in args.overrides))
-            cfg = config_from_dict(values, f"{args.resume}/config.yaml + overrides")
-            validate(cfg)
+            source += " + overrides"
+            cfg = config_from_dict(values, source)
+        validate(cfg, source)
         out = Path(args.resume)
     else:
         if not args.config:
@@ -132,6 +137,7 @@ def _import(args) -> int:
     run = RunFolder(args.out)
     if run.is_run():
         raise RunFolderError(f"{args.out} already exists as a run folder; choose another --out")
+    run.refuse_foreign()  # a file, or a folder of the user's files, is never written into
     try:
         model = load_model(args.checkpoint, **overrides)
     except TypeError as e:  # an unknown model keyword
@@ -170,14 +176,16 @@ examples:
 
 def _export(args) -> int:
     from .checkpoint import export_timm, load_model, save_model
-    from .io import check_output_path
+    from .io import OutputPathError, check_output_path
+    from .runfolder import RunFolder
 
-    check_output_path(args.out)
+    out = check_output_path(args.out)
     src = Path(args.run)
-    if src.exists() and Path(args.out).exists() and Path(args.out).resolve() == src.resolve():
-        from .io import OutputPathError
-
-        raise OutputPathError(f"{args.out}: is the input; write the export to another file")
+    weights = RunFolder(src).weights_path() if src.is_dir() else src
+    if out.exists() and weights.exists() and out.samefile(weights):
+        raise OutputPathError(f"{args.out}: is the input's weights file; write the export to another file")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise OutputPathError(f"{args.out}: is inside the run folder {src}; write the export outside it")
     model = load_model(args.run)
     if args.format == "timm":
         name, kwargs = export_timm(model, args.out)
@@ -327,7 +335,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rmae {command}: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
-        return _err(command, MemoryError("out of memory; use a smaller batch_size, image size or model"))
+        return _err(command, MemoryError(OUT_OF_MEMORY))
+    except RuntimeError as e:  # torch's allocators: "can't allocate memory", "CUDA out of memory. Tried to allocate"
+        if "allocate" in str(e) and "memory" in str(e):
+            return _err(command, MemoryError(OUT_OF_MEMORY))
+        raise
+    except OSError as e:  # the file system said no: permissions, a full disk, a path through a file…
+        where = f"{e.filename}: " if e.filename else ""
+        return _err(command, OSError(f"{where}{e.strerror or e}"))
 
 
 if __name__ == "__main__":

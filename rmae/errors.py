@@ -18,3 +18,7 @@ class CheckpointError(UserError):
 
 class RunFolderError(CheckpointError):
     """A run folder is missing, malformed, busy, or is not an rmae run."""
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss became NaN or inf; the run folder keeps its last good checkpoint."""

@@ -5,18 +5,21 @@
   ``open()`` would give it (``0o666`` less the umask), not ``mkstemp``'s private ``0o600``.
   The destination must be a regular file or absent: a symlink, a device node or a folder at
   that path is refused (``OutputPathError``) rather than silently replaced.
-- :func:`read_regular`: open only regular files (never a FIFO that would block, a device, or a
-  folder) and only up to a size limit, so a tiny hostile path cannot hang or exhaust a reader.
+- :func:`read_regular` / :func:`open_regular`: open only regular files (never a FIFO that would
+  block, a device, or a folder) and only up to a size limit, so a tiny hostile path cannot hang
+  or exhaust a reader. Every reader of user files (images, label maps, annotation JSON, cache
+  entries, checkpoints) goes through them.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from .errors import UserError
 
@@ -97,13 +100,13 @@ def is_regular_file(path: str | os.PathLike) -> bool:
         return False
 
 
-def read_regular(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> bytes:
-    """The bytes of a regular file of at most ``limit`` bytes.
+def open_regular(path: str | os.PathLike, limit: int | None = None) -> BinaryIO:
+    """A binary file object for reading a regular file (of at most ``limit`` bytes).
 
     Raises ``FileNotFoundError`` (missing), ``IsADirectoryError`` / ``ValueError`` (not a regular
     file, or too large) with a message naming the path. The file is opened with ``O_NONBLOCK`` and
-    checked with ``fstat`` on the open descriptor, so a FIFO swapped in after a ``stat`` cannot
-    block the reader.
+    checked with ``fstat`` on the open descriptor, so a FIFO (even one swapped in after a
+    ``stat``) cannot block the reader; the flag is cleared again for ordinary reads.
     """
     path = Path(path)
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -113,20 +116,26 @@ def read_regular(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> bytes:
             raise IsADirectoryError(f"{path}: is a folder, not a file")
         if not stat.S_ISREG(st.st_mode):
             raise ValueError(f"{path}: is not a regular file (a device, pipe or socket)")
-        if st.st_size > limit:
+        if limit is not None and st.st_size > limit:
             raise ValueError(f"{path}: {st.st_size} bytes is more than the {limit}-byte limit for this kind of file")
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, 1 << 20)
-            if not chunk:
-                break
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return io.open(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``limit`` bytes (see :func:`open_regular`)."""
+    chunks, total = [], 0
+    with open_regular(path, limit) as f:
+        while chunk := f.read(1 << 20):
             total += len(chunk)
             if total > limit:  # grew while we read it
                 raise ValueError(f"{path}: more than the {limit}-byte limit for this kind of file")
             chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+    return b"".join(chunks)
 
 
 def read_text(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> str:

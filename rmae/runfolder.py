@@ -20,7 +20,13 @@ run killed at any instant resumes from a whole checkpoint. A writer holds an exc
 (:meth:`RunFolder.lock`), so two processes can never interleave their files in one folder.
 
 Reading is confined by construction: the weights file ``latest.json`` names must be a plain file
-name inside ``checkpoints/`` and a regular file; small files are read with a size limit.
+name inside ``checkpoints/`` and a regular file; small files are read with a size limit. Writing
+never goes through a link: files are replaced atomically (a symlink, device or folder in their
+place is refused) and the two files written in place, ``metrics.jsonl`` and the lock, are opened
+with ``O_NOFOLLOW``. A user's folder (files, but no marker and no config rmae wrote) is never
+written into.
+
+(Over 400 lines on purpose: this is the one owner of the run-folder format, reading and writing.)
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import re
+import stat
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,7 +46,8 @@ from typing import Any, Iterator
 import yaml
 
 from .errors import RunFolderError
-from .io import MAX_TEXT_BYTES, atomic_write, atomic_write_json, atomic_write_text, is_regular_file, read_text
+from .io import (MAX_TEXT_BYTES, atomic_write, atomic_write_json, atomic_write_text, is_regular_file, open_regular,
+                 read_text)
 
 MARKER = ".rmae-run"
 LOCK = ".rmae-lock"
@@ -46,6 +55,7 @@ CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 MODEL = "model.safetensors"
 LATEST = "latest.json"
+CONFIG_HEADER = "# written by rmae; edit a copy, not this file (it rebuilds the model)\n"
 _STEP_RE = re.compile(r"^step_(\d{6,})\.(safetensors|state\.pt)$")
 _PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$")  # a file name, no path
 #: metrics.jsonl may be long (one line per logging step), but not unbounded
@@ -65,6 +75,23 @@ def file_digest(path: str | os.PathLike, _memo: dict[tuple, str] = {}) -> str:  
                 h.update(chunk)
         _memo[key] = h.hexdigest()
     return _memo[key]
+
+
+def _open_own_file(path: Path, flags: int) -> int:
+    """A descriptor of a file rmae appends to or locks in place (created if missing), refusing a
+    symlink, FIFO or device there: a run folder from elsewhere could point ``metrics.jsonl`` or
+    the lock file at any of the user's files, which would then be written through."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if os.path.islink(path):
+            raise RunFolderError(f"{path}: is a symbolic link; rmae writes only its own plain files in a run folder "
+                                 "— remove the link") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise RunFolderError(f"{path}: is not a regular file (a device, pipe or socket); remove it")
+    return fd
 
 
 class RunFolder:
@@ -88,18 +115,31 @@ class RunFolder:
     # -- identity ------------------------------------------------------------------------------
 
     def is_run(self) -> bool:
-        """A folder rmae made: its marker, or (older runs) a config.yaml / latest.json / model file."""
-        return self.root.is_dir() and (self.marker.is_file() or self.config_path.is_file()
-                                       or self.latest_path.is_file() or self.model_path.is_file())
+        """A folder rmae made: its marker, or (older runs) a latest.json, a model file or a
+        config.yaml that rmae wrote (a user's own config.yaml does not make a folder a run)."""
+        return self.root.is_dir() and (self.marker.is_file() or self.latest_path.is_file()
+                                       or self.model_path.is_file() or self._config_written_by_rmae())
 
-    def create(self, kind: str = "pretrain") -> "RunFolder":
-        """Make the folder (or reuse it if it is already a run). A folder that exists, is not
-        empty and is not a run is refused: its files are the user's, not ours to overwrite."""
+    def _config_written_by_rmae(self) -> bool:
+        try:
+            with open_regular(self.config_path) as f:
+                return f.read(len(CONFIG_HEADER)) == CONFIG_HEADER.encode()
+        except (OSError, ValueError):
+            return False
+
+    def refuse_foreign(self) -> "RunFolder":
+        """Raise :class:`RunFolderError` if the path is anything but a run, an empty folder or
+        nothing: a file, or a folder of the user's files, is not ours to write into."""
         if self.root.exists() and not self.root.is_dir():
             raise RunFolderError(f"{self.root}: exists and is not a folder; choose another --out")
         if self.holds_foreign_files():
             raise RunFolderError(f"{self.root}: is a folder with files that is not an rmae run; refusing to write "
                                  "into it (nothing was changed) — choose a new or empty folder for --out")
+        return self
+
+    def create(self, kind: str = "pretrain") -> "RunFolder":
+        """Make the folder (or reuse it if it is already a run); see :meth:`refuse_foreign`."""
+        self.refuse_foreign()
         for d in (self.root, self.checkpoints, self.figures):
             d.mkdir(parents=True, exist_ok=True)
         if not self.marker.is_file():
@@ -114,9 +154,13 @@ class RunFolder:
     @contextlib.contextmanager
     def lock(self) -> Iterator["RunFolder"]:
         """Exclusive writer lock (``flock`` on ``RUN/.rmae-lock``, released when the process dies).
-        A second writer gets one clear :class:`RunFolderError` at once instead of waiting."""
+        A second writer gets one clear :class:`RunFolderError` at once instead of waiting. A
+        folder the lock itself created is removed again if the writer failed before putting
+        anything in it (a config error leaves no empty run behind)."""
+        self.refuse_foreign()
+        created = not self.root.exists()
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_own_file(self.root / LOCK, os.O_RDWR)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -132,6 +176,10 @@ class RunFolder:
             yield self
         finally:
             os.close(fd)  # closing the descriptor releases the lock
+            if created and [p.name for p in self.root.iterdir()] == [LOCK]:
+                with contextlib.suppress(OSError):
+                    (self.root / LOCK).unlink()
+                    self.root.rmdir()
 
     # -- config --------------------------------------------------------------------------------
 
@@ -139,7 +187,7 @@ class RunFolder:
         doc = dict(flat)
         if model_config is not None:
             doc["model_config"] = model_config
-        text = "# written by rmae; edit a copy, not this file (it rebuilds the model)\n" + yaml.safe_dump(doc, sort_keys=False)
+        text = CONFIG_HEADER + yaml.safe_dump(doc, sort_keys=False)
         atomic_write_text(self.config_path, text)
 
     def read_config(self) -> dict[str, Any]:
@@ -167,7 +215,7 @@ class RunFolder:
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one line to ``metrics.jsonl`` (flushed and fsynced: a crash loses at most it)."""
-        with open(self.metrics_path, "a") as f:
+        with os.fdopen(_open_own_file(self.metrics_path, os.O_WRONLY | os.O_APPEND), "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -215,8 +263,10 @@ class RunFolder:
             return None
         try:
             doc = json.loads(read_text(self.latest_path, 64 * 1024))
-        except (UnicodeDecodeError, json.JSONDecodeError, ValueError, OSError) as e:
-            raise RunFolderError(f"{self.latest_path}: unreadable ({type(e).__name__}); delete it to fall back to the "
+        except (ValueError, OSError) as e:
+            why = {UnicodeDecodeError: "not UTF-8", json.JSONDecodeError: "not JSON"}.get(
+                type(e), str(e).replace(f"{self.latest_path}: ", ""))
+            raise RunFolderError(f"{self.latest_path}: unreadable ({why}); delete it to fall back to the "
                                  "newest checkpoint") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("weights"), str) \
                 or not isinstance(doc.get("step", 0), int) or isinstance(doc.get("step", 0), bool):
@@ -294,20 +344,36 @@ class RunFolder:
         latest = self.latest()
         if latest is None:
             return None
+        if latest.get("state") is None:
+            raise RunFolderError(f"{self.latest_path}: names no trainer state (an imported run cannot be resumed); "
+                                 "start a new run with --out")
         weights = self.checkpoints / latest["weights"]
-        state_path = self.checkpoints / str(latest.get("state"))
+        state_path = self.checkpoints / latest["state"]
         for p in (weights, state_path):
-            if not is_regular_file(p):
-                raise RunFolderError(f"{p}: missing (latest.json points at it); delete checkpoints/latest.json to "
-                                     "start over, or point it at an older step")
+            if p.is_symlink() or not is_regular_file(p):
+                raise RunFolderError(f"{p}: missing or not a regular file (latest.json points at it); delete "
+                                     "checkpoints/latest.json to start over, or point it at an older step")
         try:
             state = torch.load(state_path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            from .checkpoint import refused_class
+
+            refused = refused_class(e)
+            if refused is None:  # damaged bytes, not a refused class
+                raise RunFolderError(f"{state_path}: cannot be read (not a torch.save file); delete "
+                                     "checkpoints/latest.json to start over, or point it at an older step") from None
+            raise RunFolderError(f"{state_path}: refused — it holds pickled objects other than tensors and plain "
+                                 f"containers ({refused}; rmae never runs code from a checkpoint); delete "
+                                 "checkpoints/latest.json to start over") from None
         except Exception as e:  # noqa: BLE001 - any failure here means an unusable state file
-            raise RunFolderError(f"{state_path}: cannot be read ({str(e).splitlines()[0][:160]}); delete "
+            why = (str(e).splitlines() or [type(e).__name__])[0][:160]
+            raise RunFolderError(f"{state_path}: cannot be read ({why}); delete "
                                  "checkpoints/latest.json to start over, or point it at an older step") from None
-        if not isinstance(state, dict) or not {"optimizer", "step", "rng"} <= set(state):
-            raise RunFolderError(f"{state_path}: not a trainer state (needs optimizer, step, rng); delete "
-                                 "checkpoints/latest.json to start over")
+        if not isinstance(state, dict) or not {"optimizer", "step", "rng"} <= set(state) \
+                or not isinstance(state["optimizer"], dict) or not isinstance(state["rng"], dict) \
+                or not isinstance(state["step"], int) or isinstance(state["step"], bool) or state["step"] < 0:
+            raise RunFolderError(f"{state_path}: not a trainer state (needs an optimizer mapping, a step count and "
+                                 "an rng mapping); delete checkpoints/latest.json to start over")
         return weights, state
 
     def clean_partial(self) -> list[str]:

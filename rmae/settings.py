@@ -107,11 +107,13 @@ def load_yaml_file(path: str | Path, what: str = "config") -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; a {what} is a YAML file") from None
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot be read as a {what} ({e})") from None
+        raise ConfigError(f"{path}: cannot be read as a {what} ({str(e).replace(f'{path}: ', '')})") from None
     try:
         loaded = yaml_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_first_line(e)}); fix or replace the file") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply); fix or replace the file") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -138,6 +140,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key, yaml_load(value) if value.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r}: the value is not valid YAML ({_first_line(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"override {key}=…: the value is nested too deeply; settings are short scalars") from None
 
 
 def parse_overrides(words: typing.Iterable[str]) -> dict[str, Any]:
@@ -167,10 +171,10 @@ def resolve_config(path_or_preset: str | Path) -> tuple[str, dict[str, Any]]:
                 raise ConfigError(f"preset {text}: not valid YAML ({_first_line(e)})") from None
         if not p.exists():
             raise ConfigError(f"config {text}: no such preset or file; presets: {', '.join(list_presets())}")
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"config {text}: no such file; give a YAML path or a preset name "
                           f"({', '.join(list_presets())})")
-    return str(p), load_yaml_file(p)
+    return str(p), load_yaml_file(p)  # a folder, FIFO or device is refused there, without blocking
 
 
 def _mapping(loaded: Any, source: str) -> dict[str, Any]:
@@ -204,7 +208,9 @@ def coerce(key: str, value: Any, hint: Any, source: str) -> Any:
         return None
     is_union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     candidates = [a for a in args if a is not type(None)] if is_union else [hint]
+    given = value
     for t in candidates:
+        value = given
         origin = typing.get_origin(t) or t
         try:
             if origin is Any:
@@ -257,17 +263,18 @@ def coerce(key: str, value: Any, hint: Any, source: str) -> Any:
             if isinstance(e, ConfigError):
                 raise
             continue
-    shown = repr(value) if len(repr(value)) < 80 else repr(value)[:77] + "..."
+    shown = repr(given) if len(repr(given)) < 80 else repr(given)[:77] + "..."
     raise ConfigError(f"{source}: {key}={shown} is not a valid {_type_name(hint)}")
 
 
-def check_range(key: str, value: Any, meta: typing.Mapping[str, Any], source: str) -> None:
-    """The field's declared choices / range (see :func:`setting`)."""
+def range_problem(key: str, value: Any, meta: typing.Mapping[str, Any]) -> str | None:
+    """What is wrong with ``value`` against a field's declared choices / range (see
+    :func:`setting`), as ``key=value is …; it must be …``; None when it is fine."""
     if value is None:
-        return
+        return None
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"{source}: {key}={value!r} is not one of {', '.join(map(str, choices))}")
+        return f"{key}={value!r} is not one of {', '.join(map(str, choices))}"
     low, high = meta.get("low"), meta.get("high")
     values = value if isinstance(value, (tuple, list)) else [value]
     for v in values:
@@ -275,10 +282,18 @@ def check_range(key: str, value: Any, meta: typing.Mapping[str, Any], source: st
             continue
         if low is not None and (v < low or (meta.get("low_open") and v == low)):
             rel = ">" if meta.get("low_open") else ">="
-            raise ConfigError(f"{source}: {key}={value!r} is out of range; it must be {rel} {low:g}")
+            return f"{key}={value!r} is out of range; it must be {rel} {low:g}"
         if high is not None and (v > high or (meta.get("high_open") and v == high)):
             rel = "<" if meta.get("high_open") else "<="
-            raise ConfigError(f"{source}: {key}={value!r} is out of range; it must be {rel} {high:g}")
+            return f"{key}={value!r} is out of range; it must be {rel} {high:g}"
+    return None
+
+
+def check_range(key: str, value: Any, meta: typing.Mapping[str, Any], source: str) -> None:
+    """The field's declared choices / range (see :func:`setting`), or :class:`ConfigError`."""
+    problem = range_problem(key, value, meta)
+    if problem:
+        raise ConfigError(f"{source}: {problem}")
 
 
 def build(cls: type, values: typing.Mapping[str, Any], source: str = "settings", *,

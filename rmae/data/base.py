@@ -7,7 +7,8 @@ A *raw sample* is what a dataset's ``__getitem__`` returns, before any augmentat
       "key":       str   stable identifier (relative path, COCO file name, "scenes/train/0/17")
       "index":     int   the index that was actually loaded (may differ from the one asked for
                          when a bad file was replaced by the next good one)
-      "skipped":   list[(path, reason)]  files skipped producing this sample (normally empty)
+      "skipped":   list[(path, reason)]  files skipped producing this sample, and parts of it
+                         left out (a malformed COCO annotation); normally empty
       # optional ground truth
       "instances": np.ndarray int32 [H, W]  0 = background, 1..n = visible pixels of instance i
       "classes":   np.ndarray int32 [H, W]  0 = background, 1..C = contiguous category ids
@@ -155,8 +156,10 @@ class BaseDataset(Dataset):
                 self.skips.record(err.path, err.reason)
                 skipped.append((err.path, err.reason))
                 continue
+            for path, reason in sample.get("skipped", []):  # parts of the sample (a bad annotation)
+                self.skips.record(path, reason)
             sample.setdefault("index", j)
-            sample["skipped"] = skipped
+            sample["skipped"] = skipped + sample.get("skipped", [])
             return sample
         raise DataError(
             f"{type(self).__name__}: none of its {n} files could be read ({self.skips.summary()})"

@@ -69,6 +69,12 @@ def run_precompute(args: argparse.Namespace) -> int:
     """Run ``regions precompute`` from parsed arguments; returns the exit code."""
     from .precompute import precompute_regions
 
+    for flag, value, low, high in (("--workers", args.workers, 1, 256), ("--image-size", args.image_size, 8, 4096),
+                                   ("--limit", args.limit, 1, None)):
+        if value is not None and (value < low or (high is not None and value > high)):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            print(f"rmae regions precompute: error: {flag} {value}: must be {bound}", file=sys.stderr)
+            return 2
     try:
         stats = precompute_regions(args.data, args.source, args.cache, args.workers,
                                    image_size=args.image_size, seed=args.seed, limit=args.limit,

@@ -8,30 +8,60 @@ image extension that does not decode is skipped at load time (see :mod:`rmae.dat
 Class labels: with ``class_folders=None`` (auto) the first-level sub-folder names become classes
 (sorted, as torchvision's ``ImageFolder``) when every image lies inside one and there are at
 least two; ``True`` forces it, ``False`` disables it.
+
+Symbolic links to folders are followed, but every real folder is walked once (at its first
+path in sorted order): a link back to a parent, or a loop of links, cannot make the walk endless
+or list an image once per lap.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .base import BaseDataset, DataError, Sample
 from .imageio import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image
 
 
+def walk_files(root: Path) -> Iterator[tuple[str, str]]:
+    """(folder path, file name) of every non-hidden file under ``root``, depth first in sorted
+    order; links to folders are followed, each real folder (device, inode) visited once."""
+    seen: set[tuple[int, int]] = set()
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:  # unreadable or vanished: nothing to list there
+            continue
+        subfolders = []
+        for e in entries:
+            try:
+                is_dir = e.is_dir(follow_symlinks=True)
+            except OSError:
+                continue
+            if is_dir:
+                subfolders.append(e.path)
+            else:
+                yield folder, e.name
+        stack.extend(reversed(subfolders))
+
+
 def list_images(root: Path) -> tuple[list[str], int]:
     """Relative POSIX paths of image files under ``root`` (sorted) and how many others there were."""
     found: list[str] = []
     ignored = 0
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if name.startswith("."):
-                continue
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(dirpath, name).relative_to(root).as_posix())
-            else:
-                ignored += 1
+    for folder, name in walk_files(root):
+        if name.lower().endswith(IMAGE_EXTENSIONS):
+            found.append(Path(folder, name).relative_to(root).as_posix())
+        else:
+            ignored += 1
     return sorted(found), ignored
 
 

@@ -7,6 +7,15 @@ colour hides under transparent pixels), 16-bit and 32-bit integer images are res
 0..65535 to 0..255. Decompression bombs (more than ``max_pixels`` pixels, or PIL's own
 ``DecompressionBombWarning``/``Error``) are refused before any pixel is decoded.
 
+Size policy: what the loader and the region sources can afford. An image of more than
+:data:`MAX_WORKING_PIXELS` (16.8 Mpx, 4096²) is reduced on load by the smallest integer factor
+that fits (a box filter; JPEGs are decoded at the reduced size directly), so every array after
+decoding — image, region maps, crops — is bounded whatever the file says (a 9000×9000 PNG of a
+few hundred KB becomes 3000×3000). Label maps are reduced the same way with nearest neighbour,
+so their integer labels survive. Training never sees the difference: random crops are resized
+to the model's input (≤ 4096², see :mod:`rmae.models.config`) anyway. Only regular files are
+opened (a FIFO named ``x.png`` is a bad sample, not a hang).
+
 Label maps (user segmentations such as SAM masks) keep their integer values: 8- or 16-bit
 single-channel PNG/TIFF, palette PNG (the palette *index* is the label), or an RGB colour-coded
 map (each distinct colour becomes one label, black = 0).
@@ -14,40 +23,71 @@ map (each distinct colour becomes one label, black = 0).
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..io import open_regular
 from .base import BadSampleError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: Default pixel limit: PIL's own bomb threshold (~89 Mpx, i.e. a 9459² image).
 DEFAULT_MAX_PIXELS = 89_478_485
+#: Images (and label maps) with more pixels are reduced on load to at most this many.
+MAX_WORKING_PIXELS = 1 << 24
+# Modes PIL's box ``reduce`` does not take, and the mode each becomes first.
+_REDUCIBLE = {"1": "L", "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
 
 
-def _open(path: Path, max_pixels: int) -> Image.Image:
+def reduction_factor(height: int, width: int, max_pixels: int) -> int:
+    """The smallest integer f with ⌈height/f⌉·⌈width/f⌉ ≤ ``max_pixels`` (1 when it fits)."""
+    f = max(1, math.isqrt(height * width // max(1, max_pixels)))
+    while -(-height // f) * -(-width // f) > max_pixels:
+        f += 1
+    return f
+
+
+def _shrink(img: Image.Image, factor: int, labels: bool) -> Image.Image:
+    """``img`` reduced by ``factor``: a box filter for pictures, nearest neighbour for labels."""
+    if factor == 1:
+        return img
+    size = (-(-img.width // factor), -(-img.height // factor))
+    if labels:
+        return img.resize(size, Image.Resampling.NEAREST)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    return img.convert(_REDUCIBLE.get(img.mode, img.mode)).reduce(factor)
+
+
+def _open(path: Path, max_pixels: int, labels: bool = False) -> Image.Image:
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_regular(path) as f:
             # PIL only *warns* between MAX_IMAGE_PIXELS and twice that; a warning in a worker is
             # invisible and the decode may exhaust memory, so it is an error here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(f)
             w, h = img.size
             if w * h > max_pixels:
                 raise BadSampleError(
                     str(path), f"image is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels} "
                     "(decompression bomb guard)"
                 )
+            factor = reduction_factor(h, w, MAX_WORKING_PIXELS)
+            if factor > 1 and not labels and img.format == "JPEG":
+                img.draft(img.mode, (-(-w // factor), -(-h // factor)))  # DCT scaling: decode smaller
             img.load()  # decode now, inside the try, so truncation is caught here
-            return img
+            return _shrink(img, reduction_factor(img.height, img.width, MAX_WORKING_PIXELS), labels)
     except BadSampleError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise BadSampleError(str(path), f"decompression bomb: {err}") from None
     except FileNotFoundError:
         raise BadSampleError(str(path), "file not found") from None
+    except IsADirectoryError:
+        raise BadSampleError(str(path), "is a folder, not an image file") from None
     except Image.UnidentifiedImageError:
         raise BadSampleError(str(path), "not an image file (PIL cannot identify it)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
@@ -108,7 +148,7 @@ def load_label_map(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np
     No EXIF rotation: label maps are written by programs, in the orientation of the array.
     """
     path = Path(path)
-    img = _open(path, max_pixels)
+    img = _open(path, max_pixels, labels=True)
     if img.mode in ("RGB", "RGBA"):
         rgb = np.asarray(img.convert("RGB")).astype(np.int64)
         code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]

@@ -20,6 +20,9 @@
 Skipped files: workers record them in their own copy of the dataset; every batch carries them
 (``batch["skipped"]``). With your own DataLoader call ``dataset.skips.merge(batch["skipped"])``
 per batch so ``dataset.summary()`` in the main process is complete (RegionLoader does this).
+A user error inside a worker (no readable file left, a missing label map) arrives as a batch
+``{"_error": exc}`` rather than as torch's re-raised copy with the worker's traceback pasted into
+its message; ``raise batch["_error"]`` (RegionLoader does) gives the one-line error itself.
 
 Reproducibility: the augmentation and region choice of item ``i`` come from
 ``np.random.default_rng([seed, epoch, i])`` — independent of worker count and order, so a run
@@ -29,15 +32,21 @@ use :class:`RegionLoader`, which does it and seeds shuffling the same way.
 
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
+import os
 import random
+import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from ..errors import UserError
 from .base import BaseDataset, Sample
 from .cache import RegionCache
 from .regions import RegionSource, parse_region_source
@@ -118,6 +127,17 @@ class RegionDataset(Dataset):
         return sample
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        if get_worker_info() is not None:
+            # In a DataLoader worker a user error (no readable file left, a missing region
+            # map…) travels to the main process as data and is raised there as itself:
+            # torch would re-raise it with the worker's traceback pasted into its message.
+            try:
+                return self._item(index)
+            except UserError as err:
+                return {"_error": err}
+        return self._item(index)
+
+    def _item(self, index: int) -> dict[str, Any]:
         sample = self.base.get_with_fallback(index, self._load)
         rng = np.random.default_rng([_SALT, self.seed, self.epoch, int(index)])
         maps: dict[str, np.ndarray] = {}
@@ -146,6 +166,9 @@ class RegionDataset(Dataset):
 
 def collate_regions(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack :class:`RegionDataset` items into a batch (see module docstring for shapes)."""
+    errors = [it["_error"] for it in items if "_error" in it]
+    if errors:
+        return {"_error": errors[0]}
     batch: dict[str, Any] = {"images": torch.stack([it["image"] for it in items])}
     if all("regions" in it for it in items):
         batch["regions"] = torch.stack([it["regions"] for it in items]).float()
@@ -161,9 +184,27 @@ def collate_regions(items: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def end_with_parent() -> None:
+    """Have the kernel kill this worker the moment its parent dies (Linux ``PR_SET_PDEATHSIG``).
+
+    torch's own watchdog notices a dead parent only between items, every 5 s; a worker busy
+    segmenting a large image would outlive a killed trainer by that long. Elsewhere a no-op."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the parent died before the call
+        os._exit(0)
+
+
 def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn``: seed Python's and numpy's global RNGs from torch's per-worker seed
-    (itself derived from the loader's ``generator``), for any code that uses them."""
+    """``worker_init_fn``: end with the parent (:func:`end_with_parent`); seed Python's and
+    numpy's global RNGs from torch's per-worker seed (itself derived from the loader's
+    ``generator``), for any code that uses them."""
+    end_with_parent()
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
@@ -228,6 +269,8 @@ class RegionLoader:
         loader = self._loader()
         self.epoch += 1
         for batch in loader:
+            if "_error" in batch:
+                raise batch["_error"]
             self.dataset.skips.merge(batch["skipped"])
             yield batch
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import BadSampleError, BaseDataset
+from .base import BadSampleError, BaseDataset, DataError
 from .cache import RegionCache
 from .regions import RegionSource, parse_region_source
 from .specs import DataSpec, build_dataset
@@ -50,13 +50,14 @@ def _work(indices: list[int]) -> tuple[int, int, list[tuple[str, str]]]:
     for i in indices:
         try:
             sample = dataset.load(i)
+            bad.extend(sample.get("skipped", []))  # parts left out (a malformed annotation)
             source.check(sample)
             if not source.cacheable:
                 source.compute(sample)  # still validates (e.g. every image has a label map)
                 computed += 1
                 continue
             key = source.cache_key(sample)
-            if (source.name, key) in cache:
+            if cache.get(source.name, key, sample["image"].shape[:2]) is not None:  # verified; damaged → recomputed
                 cached += 1
                 continue
             cache.put(source.name, key, source.compute(sample))
@@ -94,8 +95,10 @@ def precompute_regions(spec: str | DataSpec | BaseDataset, source: str | RegionS
     strict = strict or dataset.strict
     src = parse_region_source(source, getattr(dataset, "root", None))
     if src is None:
-        raise ValueError("precompute_regions needs a region source, e.g. 'fh'")
-    cache = RegionCache(cache_dir)
+        raise DataError("regions precompute needs a region source, e.g. --source fh")
+    cache = RegionCache(cache_dir, must_write=True)
+    if src.cacheable:
+        cache.check_writable()
     n = len(dataset) if limit is None else min(limit, len(dataset))
     workers = max(1, int(workers))
     chunk = chunk_size or max(1, min(32, n // (workers * 8) or 1))

@@ -16,38 +16,68 @@ Sources (spec strings for :func:`parse_region_source` in brackets):
 
 Computing is done once per image and cached on disk (:class:`~rmae.data.cache.RegionCache`);
 ``source(sample, cache)`` reads the cache or computes and writes it on a miss.
+
+Bounded cost: the segmenting sources (FH, SLIC, panoptic) segment at most
+:data:`MAX_REGION_PIXELS` (1 Mpx) — a larger image is reduced by an integer box filter first and
+the labels are scaled back to its size with nearest neighbour. FH needs up to ~300 bytes per
+pixel (measured on noise), so this caps it near 300 MB and a few seconds per scale, whatever the
+image; COCO and ImageNet photos (< 1 Mpx) are segmented at full resolution, as in the paper.
+(Images themselves are already bounded on load; see :mod:`rmae.data.imageio`.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from PIL import Image
+
 from .base import BadSampleError, DataError, Sample
 from .cache import RegionCache, hash_array
+from .imageio import reduction_factor
+from .transforms import resize_maps_nearest
 
 REGIONS_VERSION = 1  # part of every cache key: bump when a source's output changes
+#: The most pixels FH / SLIC / panoptic segment (larger images are reduced first; see above).
+MAX_REGION_PIXELS = 1 << 20
 
 
 class RegionSource:
-    """Base class. Subclasses set ``name`` and implement :meth:`compute` and :meth:`params`."""
+    """Base class. Subclasses set ``name`` and implement :meth:`segment` and :meth:`params`."""
 
     name: str = ""
     #: False for sources whose maps are cheaper to re-read than to cache (gt, label maps)
     cacheable: bool = True
     #: raw-sample keys the source needs besides ``image``
     requires: tuple[str, ...] = ()
+    #: the most pixels :meth:`segment` is given (None: the source reads maps, it does not segment)
+    max_pixels: int | None = None
 
     def params(self) -> dict[str, Any]:
         return {}
 
-    def compute(self, sample: Sample) -> np.ndarray:  # pragma: no cover - abstract
+    def segment(self, sample: Sample) -> np.ndarray:  # pragma: no cover - abstract
+        """``int32 [S, h, w]`` label maps of the sample as given."""
         raise NotImplementedError
+
+    def compute(self, sample: Sample) -> np.ndarray:
+        """``int32 [S, H, W]`` label maps at the image's size; :meth:`segment` runs on a copy
+        reduced to at most :attr:`max_pixels` pixels (box filter for the image, nearest
+        neighbour for the maps it requires) and its labels are scaled back."""
+        h, w = sample["image"].shape[:2]
+        f = 1 if self.max_pixels is None else reduction_factor(h, w, self.max_pixels)
+        if f == 1:
+            return self.segment(sample)
+        small = dict(sample, image=np.asarray(Image.fromarray(sample["image"]).reduce(f)))
+        hs, ws = small["image"].shape[:2]
+        for k in self.requires:
+            small[k] = resize_maps_nearest(np.asarray(sample[k]), (0, 0, h, w), (hs, ws))
+        return resize_maps_nearest(self.segment(small), (0, 0, hs, ws), (h, w))
 
     def spec(self) -> str:
         """The spec string that rebuilds this source (for configs and messages)."""
@@ -82,8 +112,8 @@ class RegionSource:
         if cache is None or not self.cacheable:
             return self.compute(sample)
         key = self.cache_key(sample)
-        hit = cache.get(self.name, key)
-        if hit is not None and hit.shape[1:] == sample["image"].shape[:2]:
+        hit = cache.get(self.name, key, sample["image"].shape[:2])
+        if hit is not None:
             return hit
         labels = self.compute(sample)
         cache.put(self.name, key, labels)
@@ -121,6 +151,7 @@ class FelzenszwalbSource(RegionSource):
     """
 
     name = "fh"
+    max_pixels = MAX_REGION_PIXELS
 
     def __init__(self, scales: tuple[float, ...] = PAPER_FH_SCALES, relative: bool = True,
                  sigma: float = 0.8) -> None:
@@ -131,7 +162,7 @@ class FelzenszwalbSource(RegionSource):
         self.sigma = float(sigma)
 
     def params(self) -> dict[str, Any]:
-        p = {"scales": self.scales, "relative": self.relative, "sigma": self.sigma}
+        p = {"scales": self.scales, "relative": self.relative, "sigma": self.sigma, "max_pixels": self.max_pixels}
         if self.relative:
             p.update(reference_area=FH_REFERENCE_AREA, exponent=FH_AREA_EXPONENT)
         return p
@@ -146,7 +177,7 @@ class FelzenszwalbSource(RegionSource):
         f = (height * width / FH_REFERENCE_AREA) ** FH_AREA_EXPONENT
         return tuple(max(1.0, s * f) for s in self.scales)
 
-    def compute(self, sample: Sample) -> np.ndarray:
+    def segment(self, sample: Sample) -> np.ndarray:
         from skimage.segmentation import felzenszwalb
 
         img = sample["image"]
@@ -159,6 +190,7 @@ class SlicSource(RegionSource):
     """Multi-scale SLIC superpixels, one scale per ``n_segments`` value (compact, grid-like)."""
 
     name = "slic"
+    max_pixels = MAX_REGION_PIXELS
 
     def __init__(self, n_segments: tuple[int, ...] = (16, 48), compactness: float = 10.0) -> None:
         if not n_segments or any(int(n) < 1 for n in n_segments):
@@ -167,12 +199,12 @@ class SlicSource(RegionSource):
         self.compactness = float(compactness)
 
     def params(self) -> dict[str, Any]:
-        return {"n_segments": self.n_segments, "compactness": self.compactness}
+        return {"n_segments": self.n_segments, "compactness": self.compactness, "max_pixels": self.max_pixels}
 
     def spec(self) -> str:
         return "slic:" + ",".join(map(str, self.n_segments))
 
-    def compute(self, sample: Sample) -> np.ndarray:
+    def segment(self, sample: Sample) -> np.ndarray:
         from skimage.segmentation import slic
 
         img = sample["image"]
@@ -193,7 +225,7 @@ class GroundTruthSource(RegionSource):
     cacheable = False  # it *is* the sample's own map
     requires = ("instances",)
 
-    def compute(self, sample: Sample) -> np.ndarray:
+    def segment(self, sample: Sample) -> np.ndarray:
         return np.asarray(sample["instances"], np.int32)[None]
 
 
@@ -209,19 +241,20 @@ class PanopticSource(RegionSource):
 
     name = "panoptic"
     requires = ("instances",)
+    max_pixels = MAX_REGION_PIXELS
 
     def __init__(self, scale: float = 1000, relative: bool = True) -> None:
         self.fh = FelzenszwalbSource((scale,), relative=relative)
 
     def params(self) -> dict[str, Any]:
-        return {"fh": self.fh.params()}
+        return {"fh": self.fh.params(), "max_pixels": self.max_pixels}
 
     def spec(self) -> str:
         return "panoptic"
 
-    def compute(self, sample: Sample) -> np.ndarray:
+    def segment(self, sample: Sample) -> np.ndarray:
         inst = np.asarray(sample["instances"], np.int32)
-        fh = self.fh.compute(sample)[0]
+        fh = self.fh.segment(sample)[0]
         min_size = int(round(self.fh.effective_scales(*inst.shape)[0]))
         n = int(inst.max(initial=0))
         stuff = np.where(inst == 0, fh, 0)
@@ -270,16 +303,17 @@ class LabelMapSource(RegionSource):
             if cand.is_file():
                 return cand
         if self._by_stem is None:
+            from .folder import walk_files
+
             index: dict[str, list[Path]] = {}
-            for dirpath, _, files in os.walk(self.root):
-                for f in files:
-                    if f.lower().endswith((".png", ".tif", ".tiff")):
-                        index.setdefault(Path(f).stem, []).append(Path(dirpath, f))
+            for folder, f in walk_files(self.root):
+                if f.lower().endswith((".png", ".tif", ".tiff")):
+                    index.setdefault(Path(f).stem, []).append(Path(folder, f))
             self._by_stem = index
         hits = self._by_stem.get(rel.stem, [])
         return hits[0] if len(hits) == 1 else None
 
-    def compute(self, sample: Sample) -> np.ndarray:
+    def segment(self, sample: Sample) -> np.ndarray:
         from .imageio import load_label_map
 
         key = str(sample.get("key", ""))
@@ -310,14 +344,22 @@ REGION_SOURCE_FORMS = ("fh", "fh:S1,S2,...", "fh:paper", "slic", "slic:N1,N2,...
                        "panoptic", "labelmaps:DIR")
 
 
-def _numbers(text: str, what: str, spec: str) -> tuple[float, ...]:
+#: At most this many scales per source (each is one more segmentation of every image).
+MAX_SCALES = 8
+
+
+def _numbers(text: str, what: str, spec: str, high: float, integers: bool = False) -> tuple[float, ...]:
+    """Comma-separated positive finite numbers ≤ ``high`` (whole numbers if ``integers``)."""
+    example = "slic:16,48" if integers else "fh:500,1000,1500"
     try:
         vals = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise DataError(f"region source '{spec}': {what} must be comma-separated numbers, "
-                        f"e.g. fh:500,1000,1500") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise DataError(f"region source '{spec}': {what} must be positive numbers")
+        raise DataError(f"region source '{spec}': {what} must be comma-separated numbers, e.g. {example}") from None
+    if not vals or len(vals) > MAX_SCALES:
+        raise DataError(f"region source '{spec}': give 1 to {MAX_SCALES} {what}, e.g. {example}")
+    if not all(math.isfinite(v) and 0 < v <= high and (not integers or v.is_integer()) for v in vals):
+        kind = "whole numbers" if integers else "numbers"
+        raise DataError(f"region source '{spec}': {what} must be positive {kind} of at most {high:g}, e.g. {example}")
     return vals
 
 
@@ -343,10 +385,10 @@ def parse_region_source(spec: str | RegionSource | None, data_root: str | Path |
         relative = True
         if rest.endswith(":abs"):
             rest, relative = rest[: -len(":abs")], False
-        scales = _numbers(rest, "FH scales", s) if rest else PAPER_FH_SCALES
+        scales = _numbers(rest, "FH scales", s, high=1e7) if rest else PAPER_FH_SCALES
         return FelzenszwalbSource(scales, relative=relative)
     if kind == "slic":
-        n = _numbers(rest, "SLIC segment counts", s) if rest else (16, 48)
+        n = _numbers(rest, "SLIC segment counts", s, high=10_000, integers=True) if rest else (16, 48)
         return SlicSource(tuple(int(v) for v in n))
     if kind in ("gt", "instances"):
         return GroundTruthSource()

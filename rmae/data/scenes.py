@@ -275,7 +275,9 @@ class ScenesDataset(BaseDataset):
         if self.cache_dir is not None:
             path = self.cache_dir / f"{index}.npz"
             data = load_npz(path)
-            if data is not None:
+            if data is not None and set(data) == {"image", "instances", "instance_classes", "boxes"} \
+                    and data["image"].shape == (self.size, self.size, 3) \
+                    and data["instances"].shape == (self.size, self.size):  # else damaged: generate again
                 return self._sample(index, key, data["image"], data["instances"],
                                     data["instance_classes"], data["boxes"], [])
         sc = self.scene(index)

@@ -17,6 +17,8 @@ from pathlib import Path
 from .base import BaseDataset, DataError
 from .scenes import SPLITS
 
+#: The longest generated stream (a training epoch draws a permutation of this many indices).
+MAX_SCENES = 10_000_000
 DATA_SPEC_FORMS = ("scenes[:train|val|test][:N]", "photos", "folder:PATH",
                    "coco:IMAGES_DIR:ANNOTATIONS_JSON")
 
@@ -63,12 +65,12 @@ def parse_data_spec(spec: str | DataSpec) -> DataSpec:
     if kind == "scenes":
         split, length = None, None
         for part in [p for p in rest.split(":") if p] if rest else []:
-            if part.isdigit():
+            if part.isascii() and part.isdigit():
                 if length is not None:
                     raise _bad(s, "more than one length")
-                length = int(part)
-                if length < 1:
-                    raise _bad(s, "the length must be at least 1")
+                length = int(part) if len(part) <= 9 else MAX_SCENES + 1
+                if not 1 <= length <= MAX_SCENES:
+                    raise _bad(s, f"the length must be between 1 and {MAX_SCENES}")
             elif part in SPLITS:
                 if split is not None:
                     raise _bad(s, "more than one split")

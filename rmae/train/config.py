@@ -156,3 +156,11 @@ def validate(cfg: TrainConfig, source: str = "config") -> None:
     if not 0.0 < mc.mask_ratio < 1.0:
         raise ConfigError(f"{source}: mask_ratio={mc.mask_ratio} leaves nothing to predict or nothing to see; "
                           "pre-training needs 0 < mask_ratio < 1 (MAE uses 0.75)")
+    from ..data import DataError, parse_data_spec, parse_region_source
+
+    try:  # the syntax of the data and region specs (their files are read when the run starts)
+        spec = parse_data_spec(cfg.data)
+        if mc.has_region_branch:
+            parse_region_source(cfg.region_source, spec.root)
+    except DataError as e:
+        raise ConfigError(f"{source}: {e}") from None

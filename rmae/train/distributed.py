@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..device import resolve_device
+from ..device import DeviceError, resolve_device
 
 
 @dataclass
@@ -30,9 +30,20 @@ class DistInfo:
         return self.world_size > 1
 
 
+def _env_int(key: str, default: int) -> int:
+    text = os.environ.get(key, str(default))
+    try:
+        return int(text)
+    except ValueError:
+        raise DeviceError(f"{key}={text[:40]!r} is not a whole number; it is set by torchrun, leave it to it") from None
+
+
 def init_distributed(device_request: str = "auto") -> tuple[DistInfo, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    info = DistInfo(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    rank, world, local = (_env_int(k, d) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if not (world >= 1 and 0 <= rank < world and local >= 0):
+        raise DeviceError(f"RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local} do not describe a process group; "
+                          "leave them to torchrun")
+    info = DistInfo(rank, world, local)
     device = resolve_device(device_request, info.local_rank)
     if info.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..io import atomic_write
 from ..models import MaskedAutoencoderViT
 from ..reconstruction import reconstruction_panels
 
@@ -32,7 +33,4 @@ def save_reconstruction_figure(model: MaskedAutoencoderViT, images: torch.Tensor
     if title:
         fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

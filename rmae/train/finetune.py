@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model
 from ..data import DataError, RegionDataset, RegionLoader, build_dataset, evaluation_loader
-from ..device import DeviceError, resolve_device
-from ..errors import CheckpointError
+from ..device import resolve_device
+from ..errors import TrainingDiverged
 from ..evaluation import confusion_matrix, iou_from_confusion
 from ..io import atomic_write, atomic_write_json
 from ..models import MaskedAutoencoderViT
@@ -214,7 +213,7 @@ def _finetune_loop(run_dir, cfg: FinetuneConfig, out_dir: RunFolder, model: "Fin
             logits = model(batch["images"].to(device))
             loss = F.cross_entropy(logits, target.clamp(max=n_cls - 1))
             if not torch.isfinite(loss):
-                raise RuntimeError(f"fine-tuning loss is not finite at step {step}; lower base_lr")
+                raise TrainingDiverged(f"fine-tuning loss is not finite at step {step}; lower base_lr or add warmup_steps")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -278,11 +277,7 @@ def add_finetune_subcommand(sub) -> None:
 
 
 def _finetune_cli(args) -> int:
-    try:
-        cfg = from_args(FinetuneConfig, args, "finetune settings")
-        results = finetune(args.run, cfg, args.out, progress=not args.no_progress)
-    except (ConfigError, CheckpointError, DataError, DeviceError, RuntimeError) as e:
-        print(f"rmae finetune: error: {e}", file=sys.stderr)
-        return 2
+    cfg = from_args(FinetuneConfig, args, "finetune settings")
+    results = finetune(args.run, cfg, args.out, progress=not args.no_progress)  # errors: one line, by rmae.cli
     print(json.dumps(results, indent=2))
     return 0

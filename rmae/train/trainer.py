@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.tensorboard import SummaryWriter
 
 from ..data import RegionDataset, RegionLoader, build_dataset, collate_regions
-from ..errors import CheckpointError, UserError
+from ..errors import CheckpointError, TrainingDiverged
 from ..models import MaskedAutoencoderViT, create_model
 from ..runfolder import RunFolder
 from .config import ConfigError, TrainConfig, config_from_dict
@@ -35,10 +35,6 @@ from .rng import capture_rng, restore_rng
 # keys that may change when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = {"steps", "epochs", "num_workers", "device", "log_every", "checkpoint_every",
                      "figure_every", "keep_checkpoints", "region_cache", "compile"}
-
-
-class TrainingDiverged(UserError, RuntimeError):
-    """The loss became NaN or inf; the run folder keeps its last good checkpoint."""
 
 
 @dataclass
@@ -124,9 +120,7 @@ def pretrain(cfg: TrainConfig, out: str | Path, progress: bool = True, resume: b
 
     The main process holds the run folder's writer lock for the whole run, so a second
     ``rmae pretrain`` on the same folder stops at once with a clear error."""
-    run = RunFolder(out)
-    if run.holds_foreign_files():
-        run.create()  # raises: a folder of the user's files is never written into
+    run = RunFolder(out).refuse_foreign()  # a file, or a folder of the user's files, is never written into
     dist, device = init_distributed(cfg.device)
     try:
         with run.lock() if dist.is_main else contextlib.nullcontext():
@@ -156,23 +150,23 @@ def _pretrain(cfg: TrainConfig, run: RunFolder, dist: DistInfo, device: torch.de
     model = create_model(cfg.model, **cfg.model_args)
     model.to(device)
     c = model.config
-    ds = build_train_dataset(cfg, model)
-    plan = BatchPlan(len(ds), cfg, dist)
-    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
     peak_lr = cfg.base_lr * cfg.batch_size / 256
     optimizer = build_optimizer(model, peak_lr, cfg.weight_decay, cfg.betas)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision)
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
-
-    step = 0
-    if previous is not None:
+    state = None
+    if previous is not None:  # read and check the checkpoint before the (slower) data is prepared
         weights, state = run.load_state()
         _load_resume_weights(model, weights, device)
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
-        step = int(state["step"])
+        _resume_check(lambda: _load_optimizer_state(optimizer, scaler, state), state, run)
+    ds = build_train_dataset(cfg, model)
+    plan = BatchPlan(len(ds), cfg, dist)
+    total_steps = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
+
+    step = 0
+    if state is not None:
+        _resume_check(lambda: restore_rng(state["rng"]), state, run)
+        step = state["step"]
         if dist.is_main:
             run.truncate_metrics(step)
             print(f"resuming {out} from step {step}", flush=True)
@@ -317,6 +311,23 @@ def _load_resume_weights(model: MaskedAutoencoderViT, weights: Path, device: tor
                               f"e.g. {bad[:3]}); the weights belong to another model — delete checkpoints/latest.json "
                               "to start over")
     model.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True)
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, scaler, state: dict[str, Any]) -> None:
+    optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+
+
+def _resume_check(load, state: dict[str, Any], run: RunFolder) -> None:
+    """``load()`` a part of a checkpoint's trainer state (optimizer, RNG), or one clear error when
+    it does not belong to this run's model (a state file copied from another run, or edited)."""
+    try:
+        load()
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError, AttributeError) as e:
+        why = " ".join(str(e).split())[:160]
+        raise CheckpointError(f"{run.checkpoints}: the trainer state of step {state['step']} does not fit this run "
+                              f"({type(e).__name__}: {why}); delete checkpoints/latest.json to start over") from None
 
 
 def config_of_run(run_dir: str | Path) -> TrainConfig:
