@@ -83,7 +83,7 @@ def _open_own_file(path: Path, flags: int) -> int:
     the lock file at any of the user's files, which would then be written through."""
     try:
         fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
-    except OSError as e:
+    except OSError:
         if os.path.islink(path):
             raise RunFolderError(f"{path}: is a symbolic link; rmae writes only its own plain files in a run folder "
                                  "— remove the link") from None
