@@ -159,6 +159,7 @@ def bench_root(repeats: int, n_runs: int = 300, crowd: int = 20_000) -> dict:
     checks them, it does not read them)."""
     from analysis.results import Results
     from dashboards import study as S
+    from dashboards.discovery import discover
     from dashboards.runs import RunsRoot
 
     with tempfile.TemporaryDirectory(prefix="rmae-bench-root-") as d:
@@ -182,10 +183,10 @@ def bench_root(repeats: int, n_runs: int = 300, crowd: int = 20_000) -> dict:
         rr = RunsRoot(root)
         res = {}
         t = time.perf_counter()
-        disc = rr.discover(limit=10_000)
+        disc = discover(rr, limit=10_000)
         res[f"discover: {len(disc.runs)} runs, a study, a folder of {crowd} files (ms, cold)"] = \
             (time.perf_counter() - t) * 1000
-        res["discover, again (ms, median)"] = median_ms(lambda: rr.discover(limit=10_000), repeats)
+        res["discover, again (ms, median)"] = median_ms(lambda: discover(rr, limit=10_000), repeats)
         res["RunsRoot.file: resolve + confine + stat (µs, median)"] = \
             median_ms(lambda: [rr.file(first / "config.yaml", "run config") for _ in range(1000)], repeats)
         folder = rr.run_folder("runs/r0000")

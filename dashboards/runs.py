@@ -1,18 +1,22 @@
 """The runs root: the only part of the file system the dashboard reads, and the one place that
 decides what may be opened.
 
-**Confinement by construction.** Every file the dashboard opens goes through :meth:`RunsRoot.file`
-at the moment it is opened, whether the app built its path (a run's ``config.yaml``, a figure, a
-report) or read it from a file under the root (the weights ``checkpoints/latest.json`` names, the
-run folders a study's ``results.json`` lists). The path is resolved (symlinks included) and
-refused if it ends outside the root (:class:`UnsafePathError`), then refused unless it is a
-regular file within the size limit of its kind (:class:`RootFileError`: a FIFO would block a
-reader, a device or a 200 MB "JSON" would exhaust it). Small files are read by
-:func:`rmae.io.read_regular` on the resolved path (``O_NONBLOCK`` and ``fstat`` on the open
-descriptor, so a FIFO swapped in after the check still cannot block). Folders go through
-:meth:`RunsRoot.folder`. Nothing is checked by listing a folder ahead of time, so there is no
-window an attacker can hide a symlink behind, and no render lists a large folder: listings
-(:meth:`RunsRoot.listdir`) are bounded and only choose what to show.
+**Confinement by construction.** Every file the dashboard opens is checked by
+:meth:`RunsRoot.file` just before it is opened, whether the app built its path (a run's
+``config.yaml``, a figure, a report) or read it from a file under the root (the weights
+``checkpoints/latest.json`` names, the run folders a study's ``results.json`` lists). The path is
+resolved (symlinks included) and refused if it ends outside the root (:class:`UnsafePathError`),
+then refused unless it is a regular file within the size limit of its kind
+(:class:`RootFileError`: a FIFO would block a reader, a device or a 200 MB "JSON" would exhaust
+it). Small files are then read by :func:`rmae.io.read_regular` on the resolved path
+(``O_NONBLOCK`` and ``fstat`` on the open descriptor, so a FIFO swapped in after the check still
+cannot block); files their owners read (``RunFolder``, ``Results.load``, ``rmae.load_model``,
+PIL) are opened by them right after the check, by the path the check resolved. Folders go
+through :meth:`RunsRoot.folder`. Nothing is checked by listing a folder ahead of time, so there
+is no window an attacker can hide a symlink behind, and no render lists a large folder: listings
+(:meth:`RunsRoot.listdir`) are bounded and only choose what to show. What is left is the race of
+someone writing inside the root who swaps a checked file for a symlink between the check and the
+open (closing it needs ``openat``-style opening inside the owners).
 
 Run folders: what a run folder holds and how its files parse is :class:`rmae.runfolder.RunFolder`'s
 business; :meth:`RunsRoot.run_config`, :meth:`RunsRoot.run_metrics` and :meth:`RunsRoot.weights`
@@ -30,28 +34,24 @@ import json
 import os
 import re
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from analysis.results import MAX_RESULTS_BYTES
 from rmae.errors import RunFolderError, UserError
 from rmae.io import read_regular
-from rmae.runfolder import MAX_METRICS_BYTES, RunFolder
+from rmae.runfolder import RunFolder
 from rmae.settings import MAX_YAML_BYTES, ConfigError, load_yaml_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-#: folders never searched for runs or images
-SKIP_DIRS = {"__pycache__", "node_modules", ".git", "cache", ".cache", "checkpoints", "figures"}
 REPORTS_DIR = "reports"
-STUDY_FILE = "study.json"  # marks a study folder (analysis.study.study.STUDY_FILE)
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 #: entries read from one folder when listing it (discovery, image folders, figures, probe files)
 MAX_ENTRIES = 2000
-#: folders visited by one discovery
-MAX_FOLDERS = 5000
 #: bytes the dashboard reads, by kind of file
-LIMITS = {"results file": 64 * 2**20, "run config": MAX_YAML_BYTES, "checkpoint pointer": 64 * 1024,
-          "training log": MAX_METRICS_BYTES, "probe result": 1 * 2**20, "figure": 16 * 2**20, "image": 64 * 2**20}
+LIMITS = {"results file": MAX_RESULTS_BYTES, "run config": MAX_YAML_BYTES, "checkpoint pointer": 64 * 1024,
+          "training log": 64 * 2**20, "probe result": 1 * 2**20, "figure": 16 * 2**20, "image": 64 * 2**20}
 
 
 class UnsafePathError(UserError, ValueError):
@@ -61,49 +61,6 @@ class UnsafePathError(UserError, ValueError):
 class RootFileError(UserError, ValueError):
     """A path under the root that cannot be read as what it should be: missing, a folder, a FIFO or
     device, too large, not UTF-8, not JSON."""
-
-
-@dataclass
-class RunEntry:
-    """A run folder found under the root. ``name`` is its path relative to the root."""
-
-    name: str
-    path: Path
-    family: str | None = None
-    model: str | None = None
-    img_size: int | None = None
-    problem: str | None = None  # why it cannot be used, shown as an error when selected
-    study: str | None = None  # the study folder it belongs to (relative), if any
-
-    @property
-    def short(self) -> str:
-        """The run's name within its study (``mae-s0``), or its relative name."""
-        return PurePosixPath(self.name).name if self.study else self.name
-
-    @property
-    def label(self) -> str:
-        name = f"{PurePosixPath(self.study).name} › {self.short}" if self.study else self.name
-        what = self.model or self.family or "?"
-        return f"{name}  ({what})" if not self.problem else f"{name}  (unreadable)"
-
-
-@dataclass
-class Study:
-    """A study folder (``rmae study --out``): its runs (relative names) and whether it has results."""
-
-    name: str
-    runs: list[str] = field(default_factory=list)
-    has_results: bool = False
-
-
-@dataclass
-class Discovery:
-    runs: list[RunEntry] = field(default_factory=list)
-    image_folders: list[str] = field(default_factory=list)  # relative names
-    reports: list[str] = field(default_factory=list)  # relative names of folders holding results.json
-    rejected: list[str] = field(default_factory=list)  # "name → target" of escaping symlinks
-    studies: dict[str, Study] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)  # folders only partly searched (too many entries)
 
 
 @dataclass
@@ -139,13 +96,14 @@ class RunsRoot:
         p = Path(path)
         return Path(os.path.normpath(p if p.is_absolute() else self.root / p))
 
-    def _within(self, p: Path) -> bool:
+    def is_within(self, p: Path) -> bool:
+        """Whether a resolved path lies in the root (no resolution here: see :meth:`inside`)."""
         return p == self.root or p.is_relative_to(self.root)
 
     def shown(self, path: str | os.PathLike) -> str:
         """How a path is named in messages: relative to the root when it lies (lexically) inside."""
         p = self._lexical(path)
-        return self.rel(p) if self._within(p) else str(path)
+        return self.rel(p) if self.is_within(p) else str(path)
 
     def inside(self, path: str | os.PathLike) -> Path:
         """Resolve ``path`` (relative to the root, or absolute) and refuse it if it leaves the root."""
@@ -156,9 +114,9 @@ class RunsRoot:
             real = full.resolve()  # ".." after a symlink is resolved as the system would
         except (OSError, RuntimeError):  # a symlink loop
             raise RootFileError(f"{shown}: a symlink loop (refused)") from None
-        if self._within(real):
+        if self.is_within(real):
             return real
-        if not self._within(self._lexical(path)):
+        if not self.is_within(self._lexical(path)):
             raise UnsafePathError(f"{shown}: outside the runs root {self.root} (refused)")
         raise UnsafePathError(f"{shown}: a symlink leaving the runs root (refused: the dashboard reads only "
                               "files under the runs root)")
@@ -325,116 +283,3 @@ class RunsRoot:
     def study_analysis(self, study: str, name: str) -> str:
         """The relative path of a study run's analysis (``STUDY/analysis/NAME/results.json``)."""
         return f"{study}/analysis/{name}/results.json"
-
-    # -- discovery -----------------------------------------------------------------------------
-
-    def _entries(self, folder: Path, found: Discovery) -> list[Path]:
-        try:
-            entries, more = self.listdir(folder)
-        except UserError:
-            return []
-        if more:
-            found.notes.append(f"{self.rel(folder)} has more than {MAX_ENTRIES} entries; only {MAX_ENTRIES} were "
-                               "searched (move runs into sub-folders)")
-        return entries
-
-    def discover(self, max_depth: int = 3, limit: int = 300) -> Discovery:
-        """Run folders, studies, image folders and report folders under the root (breadth-first
-        to ``max_depth``, at most :data:`MAX_ENTRIES` entries per folder and :data:`MAX_FOLDERS`
-        folders; no descent into run folders, studies, hidden folders or :data:`SKIP_DIRS`;
-        symlinks followed only while they stay inside the root)."""
-        found = Discovery()
-        seen: set[Path] = set()
-        queue: list[tuple[Path, int]] = [(self.root, 0)]
-        visited = 0
-        while queue and len(found.runs) < limit and visited < MAX_FOLDERS:
-            folder, depth = queue.pop(0)
-            visited += 1
-            has_images = False
-            for e in self._entries(folder, found):
-                if e.name.startswith("."):
-                    continue
-                try:
-                    st = os.stat(e)
-                except OSError:
-                    st = None
-                if st is None or not stat.S_ISDIR(st.st_mode):
-                    has_images = has_images or (st is not None and e.suffix.lower() in IMAGE_EXTENSIONS)
-                    if e.name == "results.json" and folder != self.root:
-                        found.reports.append(self.rel(folder))  # a bad one is explained when chosen
-                    continue
-                if e.name in SKIP_DIRS:
-                    continue
-                try:
-                    real = e.resolve()
-                except (OSError, RuntimeError):
-                    continue
-                if not self._within(real):
-                    found.rejected.append(f"{self.rel(e)} → {real}")
-                    continue
-                if real in seen:
-                    continue
-                seen.add(real)
-                if (e / STUDY_FILE).is_file():
-                    self._study(e, found)
-                elif _looks_like_run(e):
-                    found.runs.append(self._entry(e))
-                    if os.path.lexists(RunFolder(e).analysis_dir("results.json")):
-                        found.reports.append(self.rel(RunFolder(e).analysis))
-                elif depth + 1 <= max_depth:
-                    queue.append((e, depth + 1))
-            if has_images and folder != self.root and len(found.image_folders) < limit:
-                found.image_folders.append(self.rel(folder))
-        found.runs.sort(key=lambda r: r.name)
-        found.reports = sorted(set(found.reports))
-        return found
-
-    def _study(self, folder: Path, found: Discovery) -> None:
-        name = self.rel(folder)
-        study = Study(name, has_results=os.path.lexists(folder / "results.json"))
-        if study.has_results:
-            found.reports.append(name)
-        runs = folder / "runs"
-        for e in self._entries(runs, found) if runs.is_dir() else []:
-            if e.name.startswith(".") or not e.is_dir():
-                continue
-            if not self.is_inside(e):
-                found.rejected.append(f"{self.rel(e)} → {e.resolve()}")
-                continue
-            if _looks_like_run(e):
-                entry = self._entry(e)
-                entry.study = name
-                found.runs.append(entry)
-                study.runs.append(entry.name)
-        found.studies[name] = study
-
-    def _entry(self, path: Path) -> RunEntry:
-        entry = RunEntry(self.rel(path), path)
-        run = RunFolder(path)
-        try:
-            if os.path.lexists(run.config_path):
-                cfg = self.run_config(run)
-                mc = cfg.get("model_config")
-                if isinstance(mc, dict):
-                    entry.family, entry.model, entry.img_size = mc.get("family"), mc.get("name") or cfg.get("model"), \
-                        mc.get("img_size")
-                elif mc is not None:
-                    raise RunFolderError(f"{entry.name}/config.yaml: model_config must be a mapping, got "
-                                         f"{type(mc).__name__}")
-                else:
-                    entry.model = cfg.get("model")
-            self.weights(run)
-        except UserError as e:
-            entry.problem = self.relativize(str(e))
-        entry.family = entry.family if isinstance(entry.family, str) else None
-        entry.model = str(entry.model) if entry.model is not None else None
-        entry.img_size = entry.img_size if isinstance(entry.img_size, int) and not isinstance(entry.img_size, bool) \
-            else None
-        return entry
-
-
-def _looks_like_run(path: Path) -> bool:
-    """A run folder, or a folder with ``checkpoints/`` but no pointer: shown (and its loading
-    error explained when selected) rather than hidden."""
-    run = RunFolder(path)
-    return run.is_run() or run.checkpoints.is_dir()

@@ -36,7 +36,9 @@ from rmae.errors import UserError
 from . import compute as C
 from . import images as I
 from .jobs import JobBoard
-from .runs import Discovery, RunEntry, RunsRoot, UnsafePathError
+from .discovery import Discovery, RunEntry
+from .discovery import discover as discover_runs
+from .runs import RunsRoot, UnsafePathError
 
 SOURCES = ["scenes", "photos", "folder", "upload"]
 SCENES_SPLIT, SCENES_LENGTH = "val", 1000
@@ -52,7 +54,7 @@ def runs_root(path: str) -> RunsRoot:
 
 @st.cache_data(ttl=10, show_spinner=False)
 def discover(root_path: str) -> Discovery:
-    return runs_root(root_path).discover()
+    return discover_runs(runs_root(root_path))
 
 
 @st.cache_resource(max_entries=8, show_spinner="Loading model…")
@@ -209,6 +211,13 @@ def load_run(root: RunsRoot, entry: RunEntry, device: str) -> LoadedRun | None:
                  "Is this a run folder written by `rmae pretrain` / `rmae import`?")
         return None
     return LoadedRun(entry, net, digest, device, describe(net))
+
+
+def still_there(chosen: list[str] | None, options: list[str]) -> list[str]:
+    """A multiselect's choice kept across reports: the chosen options that still exist; all of
+    them the first time, or when none of another report's choice exists here."""
+    kept = [o for o in chosen or [] if o in options]
+    return list(options) if chosen is None or (chosen and not kept) else kept
 
 
 def default_runs(runs: list[RunEntry]) -> list[str]:

@@ -27,6 +27,7 @@ from dashboards import compute as C
 from dashboards import images as I
 from dashboards import results as R
 from dashboards.jobs import JobBoard, JobBusyError, analyze_command, last_line
+from dashboards.discovery import discover
 from dashboards.runs import RootFileError, RunsRoot, UnsafePathError
 from rmae.data import build_dataset
 
@@ -74,7 +75,7 @@ def test_discovery(tmp_path):
     (root / "reports" / "r1" / "results.json").write_text("{}")
     (root / ".hidden").mkdir()
     make_run(root / ".hidden" / "run")
-    disc = RunsRoot(root).discover()
+    disc = discover(RunsRoot(root))
     names = {r.name: r for r in disc.runs}
     assert set(names) == {"bad", "demo/rmae", "sneaky"}
     assert names["demo/rmae"].family == "rmae" and names["demo/rmae"].img_size == IMG and not names["demo/rmae"].problem
@@ -104,7 +105,7 @@ def test_discovery_of_studies(tmp_path):
     make_run(tmp_path / "outside")
     (study / "runs" / "escape-s1").symlink_to(tmp_path / "outside", target_is_directory=True)
     make_run(root / "plain")
-    disc = RunsRoot(root).discover()
+    disc = discover(RunsRoot(root))
     assert [(r.name, r.study, r.short) for r in disc.runs] == [
         ("a/b/studies/x/runs/mae-s0", "a/b/studies/x", "mae-s0"), ("a/b/studies/x/runs/rmae-s0", "a/b/studies/x", "rmae-s0"),
         ("plain", None, "plain")]
@@ -546,6 +547,15 @@ def test_study_and_report_views_take_any_wrong_type():
             [S.seeds_of(res, c) for c in configs]
             count += 1
     assert count > 150
+
+
+def test_choice_kept_across_reports():
+    from dashboards.state import still_there
+
+    assert still_there(None, ["a", "b"]) == ["a", "b"]  # first time: everything
+    assert still_there(["b", "x"], ["a", "b"]) == ["b"]  # what still exists
+    assert still_there(["x"], ["a", "b"]) == ["a", "b"]  # another report's choice: everything
+    assert still_there([], ["a", "b"]) == []  # cleared by the user: stays cleared
 
 
 def test_probe_files_table_is_typed():

@@ -24,7 +24,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -376,9 +375,11 @@ def test_hostile_images(hostile, monkeypatch, case):
 REPORT_CASES = ["results_symlink", "results_fifo", "results_sparse_200mb", "results_deep", "results_latin1"]
 
 
-def _metrics(root: Path, monkeypatch, report: str):
+def _metrics(root: Path, monkeypatch, report: str, exceptions: bool = False):
     at = _session(root, monkeypatch, page="metrics", runs=[GOOD])
     at.selectbox(key="report").set_value(report).run()
+    if exceptions:
+        return at
     assert not at.exception, at.exception
     assert not at.button(key="an_go").disabled  # the compute form renders below any report
     assert any(m.value.startswith("Missing from this report") for m in at.markdown)
@@ -418,6 +419,28 @@ def test_hostile_report_name(hostile, monkeypatch):
     at.button(key="an_go").click().run()
     assert [e.value for e in at.error] == [expected["report_name_dotdot"]]
     assert not (root.parent / "outside" / "analyze.log").exists()
+
+
+def test_a_report_that_fails_to_render_is_one_message(hostile, monkeypatch):
+    """Outside test mode, a report whose view raises (here: the table, made to fail) is one error
+    naming the report, and the page goes on (probe files, the compute form)."""
+    from dashboards import results as R
+
+    _, root, _ = hostile
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(R, "scalar_table", boom)
+    at = _metrics(root, monkeypatch, "reports/results_paths_outside", exceptions=True)  # in test mode it raises…
+    assert [str(e.value) for e in at.exception] == ["boom"]
+    monkeypatch.delenv("RMAE_DASHBOARD_DEBUG")  # …as a user runs it, it is one message
+    at.run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["reports/results_paths_outside: cannot be shown (RuntimeError: boom); "
+                                           "the rest of the page is below."]
+    assert [d.value for d in at.dataframe if "probe" in d.value.columns]
+    assert not at.button(key="an_go").disabled
 
 
 STUDY_CASES = ["study_run_folder_elsewhere", "study_run_folder_dotdot", "study_run_folder_symlink",
@@ -496,9 +519,10 @@ control, events[:] = list(events), []
 os.environ["RMAE_DASHBOARD_RUNS"] = str(root)
 os.environ["RMAE_DASHBOARD_DEBUG"] = "1"
 from streamlit.testing.v1 import AppTest
+from dashboards.discovery import discover
 from dashboards.runs import RunsRoot
 
-disc = RunsRoot(root).discover()  # the widgets' values (their options are shown as labels)
+disc = discover(RunsRoot(root))  # the widgets' values (their options are shown as labels)
 names, reports, images = [r.name for r in disc.runs], disc.reports, RunsRoot(root).images_in("images")
 
 at = AppTest.from_file(app, default_timeout=120)

@@ -17,7 +17,8 @@ from dashboards import results as R
 from dashboards import state
 from dashboards import study as S
 from dashboards.jobs import JobBusyError, analyze_command
-from dashboards.runs import RunEntry, RunsRoot, UnsafePathError
+from dashboards.discovery import RunEntry
+from dashboards.runs import RunsRoot, UnsafePathError
 from dashboards.views import study as study_view
 from rmae.errors import UserError
 
@@ -84,7 +85,8 @@ def _show(ctx: state.Ctx, data: Results) -> None:
     if outside:
         st.caption("Recorded run paths outside the runs root (not linked to a run folder, not read): "
                    + "; ".join(outside))
-    runs = st.multiselect("Runs in this report", runs_all, default=runs_all, key="report_runs")
+    st.session_state["report_runs"] = state.still_there(st.session_state.get("report_runs"), runs_all)
+    runs = st.multiselect("Runs in this report", runs_all, key="report_runs")
     present = R.layer_metrics_present(data, runs)
     if present:
         st.subheader("Per layer (bootstrap 95 % CI over images)")

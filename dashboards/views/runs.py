@@ -12,7 +12,7 @@ import streamlit as st
 from analysis.results import DASH, finite
 from dashboards import results as R
 from dashboards import state
-from dashboards.runs import RunEntry
+from dashboards.discovery import RunEntry
 from rmae.errors import UserError
 
 

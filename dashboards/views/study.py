@@ -69,7 +69,8 @@ def render(ctx: state.Ctx, report: str, data: Results) -> None:
     if wrong:
         st.warning(f"{report}/results.json has study entries of the wrong type; they are left out and the rest is "
                    "shown:\n" + "\n".join(f"- {p}" for p in wrong[:20]))
-    configs = st.multiselect("Configurations", every, default=every, key="study_configs")
+    st.session_state["study_configs"] = state.still_there(st.session_state.get("study_configs"), every)
+    configs = st.multiselect("Configurations", every, key="study_configs")
     names = S.metrics_present(data, configs)
     runs = _seed_runs(ctx, report, data, configs)
     layered = [n for n in names if n in LAYER_METRICS and any((e := data.metric(c, n)) and e.per_layer for c in configs)]
@@ -101,6 +102,8 @@ def render(ctx: state.Ctx, report: str, data: Results) -> None:
                    "for the method; \"checkpoint\": one seed, it speaks for those checkpoints only.")
         st.dataframe(table, hide_index=True)
         keys = list(dict.fromkeys(k for e in data.differences.values() for k in e))
+        if st.session_state.get("study_diff") not in keys:
+            st.session_state["study_diff"] = keys[0] if keys else None
         key = st.selectbox("Difference to plot", keys, key="study_diff", format_func=lambda k: metric(k).title)
         dfig = S.difference_figure(data, key) if key else None
         if dfig is not None:
