@@ -458,9 +458,10 @@ def test_metrics_page_shows_a_study(app):
         assert [t["y"] for t in layers["data"] if t["name"] == fam] == [
             [float(np.mean([c[i] for c in curves])) for i in range(2)]]
     assert sum(1 for t in layers["data"] if t.get("fill") == "toself") == 2  # a band per configuration
-    table = _df(at, metric("linear_probe").title)
-    assert table.loc["mae", metric("linear_probe").title] == "0.720 [0.700, 0.740]"
-    assert table.loc["random-init", metric("linear_probe").title] == "0.300 [0.280, 0.320]"
+    values, controls = [d.value for d in at.dataframe if metric("linear_probe").title in d.value.columns]
+    assert list(values.index) == ["mae", "rmae"] and list(controls.index) == ["random-init"]
+    assert values.loc["mae", metric("linear_probe").title] == "0.720 [0.700, 0.740]"
+    assert controls.loc["random-init", metric("linear_probe").title] == "0.300 [0.280, 0.320]"
     diff = _df(at, "seeds paired").set_index("metric")
     assert diff.loc["linear_probe", "value [95 % CI]"] == "-0.110 [-0.140, -0.080]"
     assert diff.loc["linear_probe", "scope"] == "method" and diff.loc["linear_probe", "seeds paired"] == 3

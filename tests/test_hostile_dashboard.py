@@ -443,6 +443,21 @@ def test_a_report_that_fails_to_render_is_one_message(hostile, monkeypatch):
     assert not at.button(key="an_go").disabled
 
 
+def test_compute_rechecks_the_runs_it_hands_to_analyze(hostile):
+    """``rmae analyze`` reads the runs in its own process: "Compute" checks each run's config and
+    weights when it starts the job, not only when the runs were discovered."""
+    from dashboards.runs import RunsRoot
+    from dashboards.views.metrics import _checked_run
+
+    _, root, expected = hostile
+    rr = RunsRoot(root)
+    assert _checked_run(rr, GOOD) == (root / GOOD).resolve()
+    for case in ("weights_symlink", "config_fifo", "latest_escape"):
+        with pytest.raises(UserError) as e:
+            _checked_run(rr, case)
+        assert rr.relativize(str(e.value)) == expected[case]
+
+
 STUDY_CASES = ["study_run_folder_elsewhere", "study_run_folder_dotdot", "study_run_folder_symlink",
                "study_run_folder_is_file", "study_seed_analysis_symlink"]
 

@@ -16,7 +16,7 @@ from analysis.results import Results, ResultsError
 from dashboards import results as R
 from dashboards import state
 from dashboards import study as S
-from dashboards.jobs import JobBusyError, analyze_command
+from dashboards.jobs import analyze_command
 from dashboards.discovery import RunEntry
 from dashboards.runs import RunsRoot, UnsafePathError
 from dashboards.views import study as study_view
@@ -217,6 +217,16 @@ def _job_status(root: RunsRoot, key: str) -> None:
             f"log: `{rel}/analyze.log`). The report opens here when it is done.")
 
 
+def _checked_run(root: RunsRoot, name: str) -> Path:
+    """A run folder handed to ``rmae analyze``, its config and weights checked now (the analysis
+    reads them in its own process)."""
+    folder = root.run_folder(name)
+    if os.path.lexists(folder.config_path):
+        root.run_config(folder)
+    root.weights(folder)
+    return folder.root
+
+
 def _compute_missing(ctx: state.Ctx, data: Results | None) -> None:
     running = bool(st.session_state.get("an_job"))
     if running:
@@ -241,11 +251,11 @@ def _compute_missing(ctx: state.Ctx, data: Results | None) -> None:
             return
         try:
             out = ctx.root.report_dir(name.strip())
-            paths = [ctx.root.inside(e.name) for e in entries]
+            paths = [_checked_run(ctx.root, e.name) for e in entries]
             state.jobs().start(out, analyze_command(paths, out, n, probes),
                                label=f"{', '.join(p.name for p in paths)}, scenes:val:{n}")
-        except (UnsafePathError, JobBusyError, OSError) as e:
-            st.error(str(e))
+        except (UserError, OSError) as e:
+            st.error(ctx.root.relativize(str(e)))
             return
         st.session_state["an_job"] = str(out)
         st.rerun()

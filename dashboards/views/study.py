@@ -58,6 +58,56 @@ def _runs_table(runs: list[SeedRun]) -> None:
             st.warning(f"Seed {r.seed} of **{r.configuration}**: {r.problem}")
 
 
+def _figures(data: Results, configs: list[str], names: list[str], curves: dict, problems: list[str]) -> None:
+    layered = list(curves)
+    if layered:
+        st.subheader("Per layer: mean over seeds (band: 95 % CI across seeds; thin lines: each seed)")
+        cols = st.columns(2)
+        for i, n in enumerate(layered):
+            cols[i % 2].plotly_chart(S.seed_layer_figure(data, n, configs, curves[n]), key=f"fig-seedlayer-{n}")
+        for p in problems:
+            st.warning(p)
+    if names:
+        st.subheader("Each metric across seeds (points: seeds; bar: mean with 95 % CI across seeds)")
+        cols = st.columns(2)
+        for i, n in enumerate(names):
+            cols[i % 2].plotly_chart(S.seed_figure(data, n, configs), key=f"fig-seeds-{n}")
+            cols[i % 2].caption(R.metric_help(n))
+    st.subheader("Values (mean over seeds [95 % CI across seeds])")
+    st.dataframe(R.scalar_table(data, configs))
+    fig = R.interactive_figure(data, configs)
+    if fig is not None:
+        st.subheader("Interactive segmentation (mean over seeds)")
+        st.plotly_chart(fig, key="fig-interactive")
+
+
+def _differences(data: Results) -> None:
+    table = S.differences_table(data)
+    if table is None:
+        return
+    st.subheader("Seed-paired differences")
+    st.caption("Seed s of one configuration minus seed s of the reference (same initial weights seed, data order "
+               "and masks). Scope \"method\": both sides have at least two seeds, so the interval speaks for the "
+               "method; \"checkpoint\": one seed, it speaks for those checkpoints only.")
+    st.dataframe(table, hide_index=True)
+    keys = list(dict.fromkeys(k for e in data.differences.values() for k in e))
+    if st.session_state.get("study_diff") not in keys:
+        st.session_state["study_diff"] = keys[0] if keys else None
+    key = st.selectbox("Difference to plot", keys, key="study_diff", format_func=lambda k: metric(k).title)
+    fig = S.difference_figure(data, key) if key else None
+    if fig is not None:
+        st.plotly_chart(fig, key="fig-study-diff")
+
+
+def _controls(data: Results) -> None:
+    if not S.controls(data):
+        return
+    st.subheader("Controls")
+    st.caption("Reference encoders analysed once on the same images (content-free, local, random-init, oracle): "
+               "where a metric's null and ceiling lie. Shown as grey diamonds in the figures above.")
+    st.dataframe(R.scalar_table(data, S.controls(data)), key="study-controls")
+
+
 def render(ctx: state.Ctx, report: str, data: Results) -> None:
     every = S.configurations(data)
     seeds = data.meta.get("seeds")
@@ -75,42 +125,7 @@ def render(ctx: state.Ctx, report: str, data: Results) -> None:
     runs = _seed_runs(ctx, report, data, configs)
     layered = [n for n in names if n in LAYER_METRICS and any((e := data.metric(c, n)) and e.per_layer for c in configs)]
     curves, problems = _seed_curves(ctx, report, runs, layered)
-    if layered:
-        st.subheader("Per layer: mean over seeds (band: 95 % CI across seeds; thin lines: each seed)")
-        cols = st.columns(2)
-        for i, n in enumerate(layered):
-            cols[i % 2].plotly_chart(S.seed_layer_figure(data, n, configs, curves[n]), key=f"fig-seedlayer-{n}")
-        for p in problems:
-            st.warning(p)
-    if names:
-        st.subheader("Each metric across seeds (points: seeds; bar: mean with 95 % CI across seeds)")
-        cols = st.columns(2)
-        for i, n in enumerate(names):
-            cols[i % 2].plotly_chart(S.seed_figure(data, n, configs), key=f"fig-seeds-{n}")
-            cols[i % 2].caption(R.metric_help(n))
-    st.subheader("Values (mean over seeds [95 % CI across seeds])")
-    st.dataframe(R.scalar_table(data, configs + S.controls(data)))
-    fig = R.interactive_figure(data, configs)
-    if fig is not None:
-        st.subheader("Interactive segmentation (mean over seeds)")
-        st.plotly_chart(fig, key="fig-interactive")
-    table = S.differences_table(data)
-    if table is not None:
-        st.subheader("Seed-paired differences")
-        st.caption("Seed s of one configuration minus seed s of the reference (same initial weights seed, data "
-                   "order and masks). Scope \"method\": both sides have at least two seeds, so the interval speaks "
-                   "for the method; \"checkpoint\": one seed, it speaks for those checkpoints only.")
-        st.dataframe(table, hide_index=True)
-        keys = list(dict.fromkeys(k for e in data.differences.values() for k in e))
-        if st.session_state.get("study_diff") not in keys:
-            st.session_state["study_diff"] = keys[0] if keys else None
-        key = st.selectbox("Difference to plot", keys, key="study_diff", format_func=lambda k: metric(k).title)
-        dfig = S.difference_figure(data, key) if key else None
-        if dfig is not None:
-            st.plotly_chart(dfig, key="fig-study-diff")
-    if S.controls(data):
-        st.subheader("Controls")
-        st.caption("Reference encoders analysed once on the same images (content-free, local, random-init, "
-                   "oracle): where a metric's null and ceiling lie. Shown as grey diamonds in the figures above.")
-        st.dataframe(R.scalar_table(data, S.controls(data)), key="study-controls")
+    _figures(data, configs, names, curves, problems)
+    _differences(data)
+    _controls(data)
     _runs_table(runs)
