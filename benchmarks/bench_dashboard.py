@@ -9,9 +9,12 @@ initialised run folders (an MAE and an R-MAE; weights do not change the cost):
    instance-awareness numbers, the overlays and their PNG encoding — per run and for two runs;
 3. whole-app re-runs with ``streamlit.testing.v1.AppTest`` after changing layer, head and the
    query row (the script re-executes top to bottom, as in a browser session, minus the
-   websocket and the browser's own drawing).
+   websocket and the browser's own drawing);
+4. the runs root: discovery of a large root (hundreds of runs, a study, a folder of 20 000
+   files — searched up to its bound), the per-open confinement check, a run's checks before its
+   model loads, and a study's figures.
 
-    .venv/bin/python benchmarks/bench_dashboard.py [--sizes tiny,base] [--repeats 7] [--no-apptest]
+    .venv/bin/python benchmarks/bench_dashboard.py [--sizes tiny,base] [--repeats 7] [--no-apptest] [--no-root]
 
 Timings on a shared CPU are noisy: the script prints the load average next to the numbers;
 medians are reported.
@@ -151,14 +154,65 @@ def bench_apptest(root: Path, repeats: int) -> dict:
     return res
 
 
+def bench_root(repeats: int, n_runs: int = 300, crowd: int = 20_000) -> dict:
+    """Discovery and confinement on a large root (the copies' weights are placeholders: discovery
+    checks them, it does not read them)."""
+    from analysis.results import Results
+    from dashboards import study as S
+    from dashboards.discovery import discover
+    from dashboards.runs import RunsRoot
+
+    with tempfile.TemporaryDirectory(prefix="rmae-bench-root-") as d:
+        root = Path(d)
+        first = make_runs(root / "runs", ["rmae_vit_tiny_patch8"], 64)[0]
+        config, weights = (first / "config.yaml").read_bytes(), b"placeholder"
+        for i in range(n_runs):
+            run = RunFolder(root / "runs" / f"r{i:04d}").create("import")
+            run.config_path.write_bytes(config)
+            run.model_path.write_bytes(weights)
+        study = root / "studies" / "s"
+        (study / "runs").mkdir(parents=True)
+        (study / "study.json").write_text("{}")
+        for i in range(24):
+            run = RunFolder(study / "runs" / f"mae-s{i}").create("pretrain")
+            run.config_path.write_bytes(config)
+            run.model_path.write_bytes(weights)
+        (root / "crowd").mkdir()
+        for i in range(crowd):
+            (root / "crowd" / f"f{i:05d}").touch()
+        rr = RunsRoot(root)
+        res = {}
+        t = time.perf_counter()
+        disc = discover(rr, limit=10_000)
+        res[f"discover: {len(disc.runs)} runs, a study, a folder of {crowd} files (ms, cold)"] = \
+            (time.perf_counter() - t) * 1000
+        res["discover, again (ms, median)"] = median_ms(lambda: discover(rr, limit=10_000), repeats)
+        res["RunsRoot.file: resolve + confine + stat (µs, median)"] = \
+            median_ms(lambda: [rr.file(first / "config.yaml", "run config") for _ in range(1000)], repeats)
+        folder = rr.run_folder("runs/r0000")
+        res["a run's checks before its model loads: config + weights (ms, median)"] = \
+            median_ms(lambda: (rr.run_config(folder), rr.weights(folder)), repeats)
+        doc = {"kind": "study", "runs": {f"c{k}": {"role": "configuration", "metrics": {"knn": {
+            "value": 0.5, "ci": [0.4, 0.6], "per_seed": [0.4 + 0.01 * s for s in range(5)]}}} for k in range(6)}}
+        results = Results.from_json(doc)
+        res["a study's seed figure: 6 configurations × 5 seeds (ms, median)"] = \
+            median_ms(lambda: S.seed_figure(results, "knn", S.configurations(results)), repeats)
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="tiny,base")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--no-apptest", action="store_true")
+    ap.add_argument("--no-root", action="store_true")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}")
+    if not args.no_root:
+        print("\n== runs root ==")
+        for k, v in bench_root(args.repeats).items():
+            print(f"  {k:58s} {v:9.2f}")
     for size in args.sizes.split(","):
         spec = SIZES[size]
         with tempfile.TemporaryDirectory(prefix="rmae-bench-dash-") as d:

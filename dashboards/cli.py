@@ -1,11 +1,23 @@
-"""``rmae dashboard --runs DIR [--port N] [--host 127.0.0.1] [--device auto]`` (an ``rmae.commands`` plugin)."""
+"""``rmae dashboard --runs DIR [--port N] [--host 127.0.0.1] [--device auto]`` (an ``rmae.commands`` plugin).
+
+- **The server is this process.** ``rmae dashboard`` replaces itself with the Streamlit server
+  (``os.execv``), so whatever stops the command — SIGTERM from a supervisor or ``kill PID``,
+  SIGINT from Ctrl-C — reaches the server itself, which shuts down (Streamlit's own signal
+  handlers), ends its background analyses (:mod:`dashboards.jobs`) and frees the port. No
+  parent is left to die alone and orphan the server.
+- **Origin and Host of the WebSocket** are checked by Streamlit's own settings:
+  ``server.enableCORS`` (a WebSocket whose ``Origin`` is another site is refused: HTTP 403 on the
+  handshake) and ``server.allowedHosts`` (one whose ``Host`` is not a name of the address served
+  is refused: a DNS-rebinding page, whose ``Host`` and ``Origin`` are its own domain, gets 403
+  too); ``server.enableXsrfProtection`` guards uploads. See :func:`allowed_hosts`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,8 +34,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def allowed_hosts(host: str) -> list[str]:
+    """Host names a browser may use to reach a server bound to ``host`` (``server.allowedHosts``):
+    the loopback names for a loopback address, that address and the loopback names for any other
+    specific one, and ``[]`` (any Host: Streamlit's default) for a wildcard (``0.0.0.0``, ``::``),
+    whose reachable names cannot be known — :func:`run` warns about it."""
+    if host in ("0.0.0.0", "::", ""):
+        return []
+    return list(dict.fromkeys([host, *LOOPBACK_NAMES])) if not _is_loopback(host) else list(LOOPBACK_NAMES)
+
+
 def build_command(runs: str | Path, port: int = 8501, host: str = "127.0.0.1", device: str = "auto") -> list[str]:
-    """The ``streamlit run`` command line (headless, no usage statistics, no file watcher)."""
+    """The ``streamlit run`` command line (headless, no usage statistics, no file watcher, Origin
+    and Host checked on the WebSocket)."""
+    hosts = [word for h in allowed_hosts(host) for word in ("--server.allowedHosts", h)]
     return [
         sys.executable, "-m", "streamlit", "run", str(APP),
         "--server.address", host,
@@ -31,6 +58,10 @@ def build_command(runs: str | Path, port: int = 8501, host: str = "127.0.0.1", d
         "--server.headless", "true",
         "--server.fileWatcherType", "none",
         "--server.runOnSave", "false",
+        # a foreign Origin is refused on the WebSocket; a foreign Host (DNS rebinding) too
+        "--server.enableCORS", "true",
+        "--server.enableXsrfProtection", "true",
+        *hosts,
         # Streamlit's own limit (MiB) stops oversize uploads before they reach the app, which
         # checks bytes and decoded pixels again.
         "--server.maxUploadSize", str(max(1, MAX_UPLOAD_BYTES // 2**20)),
@@ -51,6 +82,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the arguments (exit status 2 on a bad one), then become the Streamlit server."""
     runs = Path(args.runs).expanduser()
     if not runs.is_dir():
         print(f"rmae dashboard: --runs {args.runs}: not a folder. Point it at the folder holding your run "
@@ -65,12 +97,13 @@ def run(args: argparse.Namespace) -> int:
     if not _is_loopback(args.host):
         print(f"rmae dashboard: warning: serving on {args.host}, reachable from other machines; the dashboard "
               "has no authentication.", file=sys.stderr)
+    if not allowed_hosts(args.host):
+        print("rmae dashboard: warning: a wildcard address accepts any Host header (no DNS-rebinding check); "
+              "pass --host with the address you browse to.", file=sys.stderr)
     cmd = build_command(runs.resolve(), port, args.host, device)
     print(f"rmae dashboard: runs root {runs.resolve()}\n  open http://{args.host}:{port}  (Ctrl-C stops it)", flush=True)
-    try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 130
+    sys.stderr.flush()
+    os.execv(cmd[0], cmd)  # the server replaces this process (never returns): signals sent to it reach it
 
 
 def register(subparsers) -> None:

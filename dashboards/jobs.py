@@ -7,7 +7,8 @@ No Streamlit here; one board lives per dashboard process (``st.cache_resource``)
 - **Output**: the job's stdout and stderr go to ``REPORT/analyze.log``; a failed job's status
   carries the log's last line (``rmae analyze: error: …``, or a traceback's exception line).
   The log and the lock file are opened with ``O_NOFOLLOW``: a symlink planted in the report
-  folder is refused (an ``OSError``), never followed out of the runs root.
+  folder is refused (an ``OSError``), never followed out of the runs root; the log is read back
+  the same way, and only if it is a regular file (a FIFO planted there cannot block the page).
 - **One job per report folder**: a job holds an exclusive ``flock`` on ``REPORT/.rmae-job.lock``
   until it is seen to end, so a second start — from another browser session or another
   dashboard process on the same runs root — is refused (:class:`JobBusyError`) instead of two
@@ -23,6 +24,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import os
+import stat
 import subprocess
 import sys
 import threading
@@ -62,13 +64,21 @@ class JobStatus:
 
 
 def last_line(path: Path) -> str:
-    """The last non-empty line of a text file (its last :data:`TAIL_BYTES`), or ""."""
+    """The last non-empty line of a log (its last :data:`TAIL_BYTES`), or "" — also for a
+    symlink (not followed), a FIFO (would block) or anything else that is not a regular file."""
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - TAIL_BYTES))
-            tail = f.read().decode("utf-8", errors="replace")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return ""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return ""
+        tail = os.pread(fd, TAIL_BYTES, max(0, st.st_size - TAIL_BYTES)).decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
     lines = [line.strip() for line in tail.splitlines() if line.strip()]
     return lines[-1] if lines else ""
 

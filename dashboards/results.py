@@ -19,7 +19,7 @@ from analysis.registry import LAYER_METRICS, METRICS, metric
 from analysis.results import DASH, Estimate, Results, finite, format_value
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
-_MARGIN = {"l": 40, "r": 10, "t": 40, "b": 40}
+MARGIN = {"l": 40, "r": 10, "t": 40, "b": 40}
 #: metrics of the per-run table: every registered metric (per-layer ones at their last layer)
 TABLE_METRICS: tuple[str, ...] = tuple(METRICS)
 
@@ -76,7 +76,7 @@ def layer_figure(results: Results, name: str, runs: list[str]) -> go.Figure:
         x = list(range(1, len(ys) + 1))
         _band(fig, x, est.per_layer_ci or [], color, run)
         fig.add_trace(go.Scatter(x=x, y=ys, mode="lines+markers", name=run, legendgroup=run, line={"color": color}))
-    fig.update_layout(title=figure_title(name), xaxis_title="layer", yaxis_title=m.unit, height=320, margin=_MARGIN,
+    fig.update_layout(title=figure_title(name), xaxis_title="layer", yaxis_title=m.unit, height=320, margin=MARGIN,
                       legend={"orientation": "h", "y": -0.25})
     fig.update_xaxes(tickmode="linear", tick0=1, dtick=max(1, depth // 12))
     return fig
@@ -114,7 +114,7 @@ def interactive_figure(results: Results, runs: list[str]) -> go.Figure | None:
         return None
     ticks = sorted({x for tr in fig.data for x, y in zip(tr.x, tr.y) if y is not None})
     fig.update_layout(title="Interactive segmentation: IoU vs clicks", xaxis_title="clicks (visible region patches)",
-                      yaxis_title="IoU", height=340, margin=_MARGIN, legend={"orientation": "h", "y": -0.3})
+                      yaxis_title="IoU", height=340, margin=MARGIN, legend={"orientation": "h", "y": -0.3})
     fig.update_xaxes(type="log", tickvals=ticks, ticktext=[str(t) for t in ticks])
     return fig
 
@@ -141,7 +141,7 @@ def cka_figure(entry: dict) -> go.Figure:
     fig = go.Figure(go.Heatmap(z=z, x=list(range(1, len(z[0]) + 1)), y=list(range(1, len(z) + 1)), zmin=0, zmax=1,
                                colorscale="Viridis", colorbar={"title": "CKA"}))
     fig.update_layout(title=f"Linear CKA per layer: {a} (rows) vs {b} (columns)",
-                      xaxis_title=f"{b} layer", yaxis_title=f"{a} layer", height=380, margin=_MARGIN)
+                      xaxis_title=f"{b} layer", yaxis_title=f"{a} layer", height=380, margin=MARGIN)
     fig.update_xaxes(tickmode="linear", tick0=1, dtick=max(1, len(z[0]) // 12))
     fig.update_yaxes(tickmode="linear", tick0=1, dtick=max(1, len(z) // 12))
     return fig
@@ -178,15 +178,28 @@ def differences_table(results: Results) -> pd.DataFrame | None:
     return pd.DataFrame(rows) if rows else None
 
 
+def _text(v: Any) -> str:
+    """A table cell from a value read from a file: strings as they are, anything else as short JSON."""
+    if isinstance(v, str):
+        return v[:200]
+    return DASH if v is None else json.dumps(v, default=str)[:80]
+
+
+def _count(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
 def probe_files_table(files: dict[str, list[dict]]) -> pd.DataFrame | None:
-    """Probe results stored in run folders by ``rmae probe`` (``RUN/analysis/probes/*.json``)."""
+    """Probe results stored in run folders by ``rmae probe`` (``RUN/analysis/probes/*.json``);
+    every cell typed (text, number or count), whatever the file holds."""
     rows = []
     for run, items in files.items():
         for d in items:
-            rows.append({"run": run, "probe": d.get("probe", "?"), "metric": d.get("metric", "?"),
+            rows.append({"run": run, "probe": _text(d.get("probe", "?")), "metric": _text(d.get("metric", "?")),
                          "value": finite(d.get("value")), "chance": finite(d.get("chance")),
-                         "layer": d.get("layer"), "pool": d.get("pool"), "train": d.get("train"), "eval": d.get("eval"),
-                         "n_train": d.get("n_train"), "n_eval": d.get("n_eval")})
+                         "layer": _count(d.get("layer")), "pool": _text(d.get("pool")), "train": _text(d.get("train")),
+                         "eval": _text(d.get("eval")), "n_train": _count(d.get("n_train")),
+                         "n_eval": _count(d.get("n_eval"))})
     return pd.DataFrame(rows) if rows else None
 
 
@@ -213,7 +226,7 @@ def training_figure(logs: dict[str, list[dict]], key: str, log_y: bool = False) 
         fig.add_trace(go.Scatter(x=[p[0] for p in pts], y=[p[1] for p in pts], mode="lines+markers" if len(pts) < 30 else "lines",
                                  name=run, line={"color": COLORS[i % len(COLORS)]}))
     fig.update_layout(title=f"{key} per step", xaxis_title="step", yaxis_title=key, height=340,
-                      yaxis_type="log" if log_y else "linear", margin=_MARGIN, legend={"orientation": "h", "y": -0.3})
+                      yaxis_type="log" if log_y else "linear", margin=MARGIN, legend={"orientation": "h", "y": -0.3})
     return fig
 
 

@@ -1,69 +1,82 @@
-"""The runs root: the only part of the file system the dashboard reads.
+"""The runs root: the only part of the file system the dashboard reads, and the one place that
+decides what may be opened.
 
-Every path the app opens goes through :meth:`RunsRoot.inside`, which resolves it (symlinks
-included) and refuses anything that ends up outside the root — paths typed by nobody (widgets
-carry names chosen from what :meth:`RunsRoot.discover` found, resolved again when used) and paths
-that come from files (the weights file ``checkpoints/latest.json`` names). A run folder whose files
-are symlinks leaving the root is refused as a whole (:meth:`RunsRoot.check_run`), so the model
-loader never follows them.
+**Confinement by construction.** Every file the dashboard opens is checked by
+:meth:`RunsRoot.file` just before it is opened, whether the app built its path (a run's
+``config.yaml``, a figure, a report) or read it from a file under the root (the weights
+``checkpoints/latest.json`` names, the run folders a study's ``results.json`` lists). The path is
+resolved (symlinks included) and refused if it ends outside the root (:class:`UnsafePathError`),
+then refused unless it is a regular file within the size limit of its kind
+(:class:`RootFileError`: a FIFO would block a reader, a device or a 200 MB "JSON" would exhaust
+it). Small files are then read by :func:`rmae.io.read_regular` on the resolved path
+(``O_NONBLOCK`` and ``fstat`` on the open descriptor, so a FIFO swapped in after the check still
+cannot block); files their owners read (``RunFolder``, ``Results.load``, ``rmae.load_model``,
+PIL) are opened by them right after the check, by the path the check resolved. Folders go
+through :meth:`RunsRoot.folder`. Nothing is checked by listing a folder ahead of time, so there
+is no window an attacker can hide a symlink behind, and no render lists a large folder: listings
+(:meth:`RunsRoot.listdir`) are bounded and only choose what to show. What is left is the race of
+someone writing inside the root who swaps a checked file for a symlink between the check and the
+open (closing it needs ``openat``-style opening inside the owners).
 
-What a run folder holds and how its files read is :class:`rmae.runfolder.RunFolder`'s business;
-this module only decides whether the dashboard may open them.
+Run folders: what a run folder holds and how its files parse is :class:`rmae.runfolder.RunFolder`'s
+business; :meth:`RunsRoot.run_config`, :meth:`RunsRoot.run_metrics` and :meth:`RunsRoot.weights`
+check each file it will open just before it does. Studies (``rmae study``): a folder holding
+``study.json``; its runs are ``STUDY/runs/NAME`` and their analyses ``STUDY/analysis/NAME``
+(the layout of :mod:`analysis.study.plan`). A study's ``results.json`` records each run folder as
+the path ``rmae study`` was given; only its last component (the run's name) is used, looked up
+in the study's own ``runs/`` (:meth:`RunsRoot.study_run`), so a study that was moved still shows
+its runs and a recorded path elsewhere is never opened.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from dataclasses import dataclass, field
-from pathlib import Path
+import stat
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
 
+from analysis.results import MAX_RESULTS_BYTES
 from rmae.errors import RunFolderError, UserError
+from rmae.io import read_regular
 from rmae.runfolder import RunFolder
+from rmae.settings import MAX_YAML_BYTES, ConfigError, load_yaml_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-#: folders never searched for runs or images
-SKIP_DIRS = {"__pycache__", "node_modules", ".git", "cache", ".cache", "checkpoints", "figures"}
 REPORTS_DIR = "reports"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-#: entries of checkpoints/ and analysis/ checked per run (a folder of thousands is not a run)
-MAX_CHECKED = 500
+#: entries read from one folder when listing it (discovery, image folders, figures, probe files)
+MAX_ENTRIES = 2000
+#: bytes the dashboard reads, by kind of file
+LIMITS = {"results file": MAX_RESULTS_BYTES, "run config": MAX_YAML_BYTES, "checkpoint pointer": 64 * 1024,
+          "training log": 64 * 2**20, "probe result": 1 * 2**20, "figure": 16 * 2**20, "image": 64 * 2**20}
 
 
 class UnsafePathError(UserError, ValueError):
     """A path that resolves outside the runs root (``..``, absolute paths, escaping symlinks)."""
 
 
-@dataclass
-class RunEntry:
-    """A run folder found under the root. ``name`` is its path relative to the root."""
-
-    name: str
-    path: Path
-    family: str | None = None
-    model: str | None = None
-    img_size: int | None = None
-    problem: str | None = None  # why it cannot be used, shown as an error when selected
-
-    @property
-    def label(self) -> str:
-        what = self.model or self.family or "?"
-        return f"{self.name}  ({what})" if not self.problem else f"{self.name}  (unreadable)"
+class RootFileError(UserError, ValueError):
+    """A path under the root that cannot be read as what it should be: missing, a folder, a FIFO or
+    device, too large, not UTF-8, not JSON."""
 
 
 @dataclass
-class Discovery:
-    runs: list[RunEntry] = field(default_factory=list)
-    image_folders: list[str] = field(default_factory=list)  # relative names
-    reports: list[str] = field(default_factory=list)  # relative names of folders holding results.json
-    rejected: list[str] = field(default_factory=list)  # "name → target" of escaping symlinks
+class SeedRun:
+    """One seed of a study configuration, as its ``results.json`` lists it, resolved in the study."""
+
+    configuration: str
+    seed: Any
+    recorded: str  # the run folder as the study recorded it
+    name: str = ""  # the run's name (its folder under STUDY/runs/)
+    run: str | None = None  # relative run folder, when it is one
+    problem: str | None = None
 
 
-def looks_like_run(path: Path) -> bool:
-    """A run folder, or a folder with ``checkpoints/`` but no pointer: shown (and its loading
-    error explained when selected) rather than hidden."""
-    run = RunFolder(path)
-    return run.is_run() or run.checkpoints.is_dir()
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 class RunsRoot:
@@ -77,52 +90,157 @@ class RunsRoot:
     def __repr__(self) -> str:
         return f"RunsRoot({str(self.root)!r})"
 
-    # -- safety --------------------------------------------------------------------------------
+    # -- confinement ---------------------------------------------------------------------------
 
-    def inside(self, rel: str | os.PathLike) -> Path:
-        """Resolve ``rel`` (relative to the root, or absolute) and refuse it if it leaves the root."""
-        rel = Path(rel)
-        p = (rel if rel.is_absolute() else self.root / rel).resolve()
-        if p != self.root and not p.is_relative_to(self.root):
-            raise UnsafePathError(f"{rel}: outside the runs root {self.root} (refused)")
-        return p
+    def _lexical(self, path: str | os.PathLike) -> Path:
+        p = Path(path)
+        return Path(os.path.normpath(p if p.is_absolute() else self.root / p))
+
+    def is_within(self, p: Path) -> bool:
+        """Whether a resolved path lies in the root (no resolution here: see :meth:`inside`)."""
+        return p == self.root or p.is_relative_to(self.root)
+
+    def shown(self, path: str | os.PathLike) -> str:
+        """How a path is named in messages: relative to the root when it lies (lexically) inside."""
+        p = self._lexical(path)
+        return self.rel(p) if self.is_within(p) else str(path)
+
+    def inside(self, path: str | os.PathLike) -> Path:
+        """Resolve ``path`` (relative to the root, or absolute) and refuse it if it leaves the root."""
+        p = Path(path)
+        full = p if p.is_absolute() else self.root / p
+        shown = self.shown(path)
+        try:
+            real = full.resolve()  # ".." after a symlink is resolved as the system would
+        except (OSError, RuntimeError):  # a symlink loop
+            raise RootFileError(f"{shown}: a symlink loop (refused)") from None
+        if self.is_within(real):
+            return real
+        if not self.is_within(self._lexical(path)):
+            raise UnsafePathError(f"{shown}: outside the runs root {self.root} (refused)")
+        raise UnsafePathError(f"{shown}: a symlink leaving the runs root (refused: the dashboard reads only "
+                              "files under the runs root)")
 
     def is_inside(self, path: str | os.PathLike) -> bool:
         try:
             self.inside(path)
             return True
-        except (UnsafePathError, OSError, RuntimeError):
+        except UserError:
             return False
 
-    def check_run(self, path: Path) -> None:
-        """Refuse a run folder if any file the loaders may read resolves outside the root."""
-        run = RunFolder(path)
-        candidates = [run.config_path, run.metrics_path, run.model_path]
-        for d in (run.checkpoints, run.analysis):
-            if d.is_symlink() and not self.is_inside(d):
-                raise UnsafePathError(f"{self.rel(path)}/{d.name} is a symlink leaving the runs root (refused)")
-            if d.is_dir():
-                candidates.extend(sorted(d.iterdir())[:MAX_CHECKED])
-        for c in candidates:
-            if (c.exists() or c.is_symlink()) and not self.is_inside(c):
-                raise UnsafePathError(f"{self.rel(path)}/{c.relative_to(path)} is a symlink leaving the runs root "
-                                      "(refused: the dashboard reads only files under --runs)")
+    def file(self, path: str | os.PathLike, kind: str = "file") -> Path:
+        """The resolved path of a regular file under the root, within the size limit of its
+        ``kind`` (:data:`LIMITS`), or :class:`UnsafePathError` / :class:`RootFileError`."""
+        real = self.inside(path)
+        shown = self.shown(path)
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            raise RootFileError(f"{shown}: no such file") from None
+        except OSError as e:
+            raise RootFileError(f"{shown}: cannot be read ({e.strerror})") from None
+        if stat.S_ISDIR(st.st_mode):
+            raise RootFileError(f"{shown}: is a folder, not a file")
+        if not stat.S_ISREG(st.st_mode):
+            raise RootFileError(f"{shown}: not a regular file (a FIFO, device or socket); refused")
+        limit = LIMITS.get(kind)
+        if limit is not None and st.st_size > limit:
+            raise RootFileError(f"{shown}: {_size(st.st_size)}, more than the {_size(limit)} the dashboard reads "
+                                f"for a {kind} (refused)")
+        return real
 
-    def run_folder(self, name: str) -> RunFolder:
-        """The run folder ``name`` (relative to the root), resolved and checked now, at use."""
-        path = self.inside(name)
-        self.check_run(path)
-        return RunFolder(path)
+    def folder(self, path: str | os.PathLike) -> Path:
+        """The resolved path of a folder under the root, or :class:`UnsafePathError` / :class:`RootFileError`."""
+        real = self.inside(path)
+        if not real.is_dir():
+            raise RootFileError(f"{self.shown(path)}: {'not a folder' if real.exists() else 'no such folder'}")
+        return real
 
-    def weights(self, run: RunFolder) -> Path:
-        """The weights file the run's ``latest.json`` (or its layout) names, confined to the root."""
-        return self.inside(run.weights_path())
+    def read_bytes(self, path: str | os.PathLike, kind: str = "file") -> bytes:
+        real = self.file(path, kind)
+        try:
+            return read_regular(real, LIMITS.get(kind, LIMITS["results file"]))
+        except (OSError, ValueError) as e:  # changed since the check
+            raise RootFileError(f"{self.shown(path)}: cannot be read ({type(e).__name__})") from None
+
+    def read_json(self, path: str | os.PathLike, kind: str = "file") -> Any:
+        shown = self.shown(path)
+        try:
+            return json.loads(self.read_bytes(path, kind).decode("utf-8"))
+        except UnicodeDecodeError:
+            raise RootFileError(f"{shown}: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise RootFileError(f"{shown}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        except RecursionError:
+            raise RootFileError(f"{shown}: nested too deeply to read") from None
+
+    def listdir(self, path: str | os.PathLike, limit: int = MAX_ENTRIES) -> tuple[list[Path], bool]:
+        """Up to ``limit`` entries of a folder under the root, sorted by name (unresolved: open
+        each through :meth:`file` / :meth:`folder`), and whether there were more."""
+        real = self.folder(path)
+        names: list[str] = []
+        more = False
+        try:
+            with os.scandir(real) as it:
+                for e in it:
+                    if len(names) >= limit:
+                        more = True
+                        break
+                    names.append(e.name)
+        except OSError:
+            return [], False
+        return [real / n for n in sorted(names)], more
+
+    def images_in(self, rel_folder: str, limit: int = 500) -> list[str]:
+        """Image files directly inside an image folder (relative names; each is checked when opened)."""
+        entries, _ = self.listdir(rel_folder)
+        return [self.rel(e) for e in entries if e.suffix.lower() in IMAGE_EXTENSIONS][:limit]
 
     def rel(self, path: Path) -> str:
         try:
             return path.relative_to(self.root).as_posix() or "."
         except ValueError:
             return str(path)
+
+    def relativize(self, message: str) -> str:
+        """An owner's message naming files by absolute path, with the root's prefix dropped."""
+        return message.replace(str(self.root) + os.sep, "")
+
+    # -- run folders ---------------------------------------------------------------------------
+
+    def run_folder(self, name: str | os.PathLike) -> RunFolder:
+        """The run folder ``name`` (relative to the root), resolved and checked now, at use."""
+        return RunFolder(self.folder(name))
+
+    def run_config(self, run: RunFolder) -> dict[str, Any]:
+        """``config.yaml`` of a run (a regular file under the root, parsed by :mod:`rmae.settings`)."""
+        try:
+            return load_yaml_file(self.file(run.config_path, "run config"), "run config")
+        except ConfigError as e:
+            raise RunFolderError(self.relativize(str(e))) from None
+
+    def run_metrics(self, run: RunFolder) -> tuple[list[dict], int]:
+        """``metrics.jsonl`` of a run → (records, unreadable lines); no log → ``([], 0)``."""
+        if not os.path.lexists(run.metrics_path):
+            return [], 0
+        self.file(run.metrics_path, "training log")
+        return run.read_metrics()
+
+    def weights(self, run: RunFolder) -> Path:
+        """The weights file the run's ``latest.json`` (or its layout) names, checked now: the
+        pointer and the ``checkpoints/`` folder :meth:`RunFolder.weights_path` reads, then the
+        file it picks — the file ``rmae.load_model`` of this folder opens."""
+        if os.path.lexists(run.checkpoints):
+            self.inside(run.checkpoints)
+        if os.path.lexists(run.latest_path):
+            self.file(run.latest_path, "checkpoint pointer")
+        if os.path.lexists(run.model_path):  # rmae skips one that is not a regular file: say why here
+            self.file(run.model_path, "weights")
+        try:
+            path = run.weights_path()
+        except RunFolderError as e:
+            raise RunFolderError(self.relativize(str(e))) from None
+        return self.file(path, "weights")
 
     def report_dir(self, name: str) -> Path:
         """``<root>/reports/<name>`` for a user-typed report name (a plain name only)."""
@@ -131,85 +249,37 @@ class RunsRoot:
                                   "e.g. mae-vs-rmae")
         return self.inside(Path(REPORTS_DIR) / name)
 
-    # -- discovery ----------------------------------------------------------------------------
+    def results_file(self, report: str) -> Path:
+        """``<report>/results.json``, checked (regular, within the results limit)."""
+        return self.file(Path(report) / "results.json", "results file")
 
-    def discover(self, max_depth: int = 3, limit: int = 300) -> Discovery:
-        """Run folders, image folders and report folders under the root (breadth-first, no
-        descent into run folders, hidden folders or :data:`SKIP_DIRS`; symlinks followed only
-        while they stay inside the root)."""
-        found = Discovery()
-        seen: set[Path] = set()
-        queue: list[tuple[Path, int]] = [(self.root, 0)]
-        while queue and len(found.runs) < limit:
-            folder, depth = queue.pop(0)
-            try:
-                entries = sorted(folder.iterdir(), key=lambda e: e.name)
-            except OSError:
-                continue
-            has_images = False
-            for e in entries:
-                if e.name.startswith("."):
-                    continue
-                try:
-                    if e.is_file():
-                        has_images = has_images or e.suffix.lower() in IMAGE_EXTENSIONS
-                        if e.name == "results.json" and folder != self.root:
-                            found.reports.append(self.rel(folder))
-                        continue
-                    if not e.is_dir() or e.name in SKIP_DIRS:
-                        continue
-                    real = e.resolve()
-                except OSError:
-                    continue
-                if real != self.root and not real.is_relative_to(self.root):
-                    found.rejected.append(f"{self.rel(e)} → {real}")
-                    continue
-                if real in seen:
-                    continue
-                seen.add(real)
-                if looks_like_run(e):
-                    found.runs.append(self._entry(e))
-                    res = RunFolder(e).analysis_dir("results.json")
-                    if res.is_file() and self.is_inside(res):
-                        found.reports.append(self.rel(res.parent))
-                elif depth + 1 <= max_depth:
-                    queue.append((e, depth + 1))
-            if has_images and folder != self.root and len(found.image_folders) < limit:
-                found.image_folders.append(self.rel(folder))
-        found.runs.sort(key=lambda r: r.name)
-        found.reports = sorted(set(found.reports))
-        return found
+    # -- studies -------------------------------------------------------------------------------
 
-    def _entry(self, path: Path) -> RunEntry:
-        entry = RunEntry(self.rel(path), path)
+    def study_run(self, study: str, configuration: str, seed: Any, recorded: Any) -> SeedRun:
+        """A run folder a study's ``results.json`` lists, looked up in the study's ``runs/`` by its
+        name (see module docstring); ``problem`` says why it cannot be shown."""
+        out = SeedRun(configuration, seed, str(recorded))
+        if not isinstance(recorded, str) or not recorded:
+            out.problem = f"run folder {str(recorded)[:80]!r} is not a path; left out"
+            return out
+        p = PurePosixPath(recorded)
+        if p.parent.name != "runs" or not NAME_RE.match(p.name):
+            out.problem = (f"{recorded[:200]}: not a run folder of this study (its runs are {study}/runs/NAME); "
+                           "left out")
+            return out
+        out.name = p.name
+        rel = f"{study}/runs/{p.name}"
         try:
-            self.check_run(path)
-            run = RunFolder(path)
-            if not run.config_path.exists():
-                return entry
-            cfg = run.read_config()
-            mc = run.model_config()
-        except UnsafePathError as e:
-            entry.problem = str(e)
-            return entry
-        except RunFolderError as e:  # its message names the file by absolute path: show the run's name
-            entry.problem = str(e).replace(str(path), entry.name)
-            return entry
-        if isinstance(mc, dict):
-            entry.family = mc.get("family")
-            entry.model = mc.get("name") or cfg.get("model")
-            entry.img_size = mc.get("img_size")
-        else:
-            entry.model = cfg.get("model")
-        return entry
-
-    def images_in(self, rel_folder: str, limit: int = 500) -> list[str]:
-        """Image files directly inside an image folder (names relative to the root)."""
-        folder = self.inside(rel_folder)
-        out = []
-        for e in sorted(folder.iterdir(), key=lambda e: e.name):
-            if e.suffix.lower() in IMAGE_EXTENSIONS and e.is_file() and self.is_inside(e):
-                out.append(self.rel(e))
-                if len(out) >= limit:
-                    break
+            folder = self.folder(rel)
+        except UserError as e:
+            out.problem = str(e)
+            return out
+        if not RunFolder(folder).is_run():
+            out.problem = f"{rel}: not a run folder (no config.yaml, marker or weights)"
+            return out
+        out.run = rel
         return out
+
+    def study_analysis(self, study: str, name: str) -> str:
+        """The relative path of a study run's analysis (``STUDY/analysis/NAME/results.json``)."""
+        return f"{study}/analysis/{name}/results.json"

@@ -31,12 +31,14 @@ from analysis.encoder import EncoderInfo, describe, load_encoder
 from analysis.results import Results
 from rmae.data import PhotosDataset, build_dataset, load_image
 from rmae.device import resolve_device
-from rmae.errors import CheckpointError, UserError
+from rmae.errors import UserError
 
 from . import compute as C
 from . import images as I
 from .jobs import JobBoard
-from .runs import Discovery, RunEntry, RunsRoot, UnsafePathError
+from .discovery import Discovery, RunEntry
+from .discovery import discover as discover_runs
+from .runs import RunsRoot, UnsafePathError
 
 SOURCES = ["scenes", "photos", "folder", "upload"]
 SCENES_SPLIT, SCENES_LENGTH = "val", 1000
@@ -52,7 +54,7 @@ def runs_root(path: str) -> RunsRoot:
 
 @st.cache_data(ttl=10, show_spinner=False)
 def discover(root_path: str) -> Discovery:
-    return runs_root(root_path).discover()
+    return discover_runs(runs_root(root_path))
 
 
 @st.cache_resource(max_entries=8, show_spinner="Loading model…")
@@ -122,14 +124,16 @@ def fh(image_digest: str, _image: np.ndarray) -> np.ndarray:
     return C.fh_segments(_image)
 
 
-@st.cache_data(max_entries=16, show_spinner=False)
+@st.cache_data(max_entries=32, show_spinner=False)
 def results(path: str, mtime_ns: int) -> Results:
+    """A results file; ``path`` comes from :meth:`RunsRoot.file` (checked just before)."""
     return Results.load(path)
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
 def training_log(run_name: str, root_path: str, mtime_ns: int) -> tuple[list[dict], int]:
-    return runs_root(root_path).run_folder(run_name).read_metrics()
+    root = runs_root(root_path)
+    return root.run_metrics(root.run_folder(run_name))
 
 
 # ------------------------------------------------------------------------------------------
@@ -191,20 +195,29 @@ def load_run(root: RunsRoot, entry: RunEntry, device: str) -> LoadedRun | None:
         return None
     try:
         folder = root.run_folder(entry.name)  # re-resolved at use: nothing outside the root is read
-        root.weights(folder)  # the file latest.json names stays inside the root too
+        if os.path.lexists(folder.config_path):
+            root.run_config(folder)
+        root.weights(folder)  # the files the loader opens (latest.json, the weights), checked now
         digest = folder.digest()
         net = model(str(folder.root), digest, device)
     except UnsafePathError as e:
         st.error(f"Run **{entry.name}** refused: {e}")
         return None
-    except CheckpointError as e:
-        st.error(f"Run **{entry.name}** cannot be loaded: {e}")
+    except UserError as e:  # RootFileError, RunFolderError, CheckpointError: say which file and why
+        st.error(f"Run **{entry.name}** cannot be loaded: {root.relativize(str(e))}")
         return None
     except Exception as e:  # noqa: BLE001 - a foreign folder must not take the page down
         st.error(f"Run **{entry.name}** cannot be loaded ({type(e).__name__}): {e}. "
                  "Is this a run folder written by `rmae pretrain` / `rmae import`?")
         return None
     return LoadedRun(entry, net, digest, device, describe(net))
+
+
+def still_there(chosen: list[str] | None, options: list[str]) -> list[str]:
+    """A multiselect's choice kept across reports: the chosen options that still exist; all of
+    them the first time, or when none of another report's choice exists here."""
+    kept = [o for o in chosen or [] if o in options]
+    return list(options) if chosen is None or (chosen and not kept) else kept
 
 
 def default_runs(runs: list[RunEntry]) -> list[str]:
@@ -255,9 +268,9 @@ def image_picker(root: RunsRoot, disc: Discovery, size: int) -> Source | None:
             return None
         rel = sb.selectbox("Image", files, format_func=lambda f: Path(f).name, key="folder_file")
         try:
-            path = root.inside(rel)
+            path = root.file(rel, "image")
             image = file_image(str(path), path.stat().st_mtime_ns)
-        except UnsafePathError as e:
+        except UserError as e:
             sb.error(str(e))
             return None
         except Exception as e:  # noqa: BLE001 - BadSampleError and friends: say which file
@@ -281,6 +294,20 @@ def image_picker(root: RunsRoot, disc: Discovery, size: int) -> Source | None:
     return Source(image, None, f"upload: {up.name}", f"upload:{I.digest(image)}")
 
 
+def _study_picker(disc: Discovery, by_name: dict[str, RunEntry]) -> None:
+    """A study and a button that selects its (usable) runs for comparison."""
+
+    def select() -> None:  # a callback: runs before the multiselect below is drawn
+        study = disc.studies.get(st.session_state.get("study_pick"))
+        if study is not None:
+            st.session_state["runs"] = [n for n in study.runs if n in by_name and not by_name[n].problem]
+
+    sb = st.sidebar
+    sb.selectbox("Study", list(disc.studies), key="study_pick",
+                 format_func=lambda s: f"{s}  ({len(disc.studies[s].runs)} runs)" if s in disc.studies else s)
+    sb.button("Compare this study's runs", key="study_select", on_click=select)
+
+
 def sidebar(root_arg: str | None, device_arg: str, with_image: bool) -> Ctx | None:
     """Draw the sidebar (runs root, rescan, runs to compare and, for image pages, the image)."""
     if not root_arg:
@@ -301,7 +328,11 @@ def sidebar(root_arg: str | None, device_arg: str, with_image: bool) -> Ctx | No
     sb.caption(f"Runs root: `{root.root}` · {len(disc.runs)} run folder(s) · device `{device}`")
     for r in disc.rejected:
         sb.warning(f"Ignored a symlink leaving the runs root: {r}")
+    for note in disc.notes:
+        sb.warning(note)
     by_name = {r.name: r for r in disc.runs}
+    if disc.studies:
+        _study_picker(disc, by_name)
     if "runs" not in st.session_state:
         st.session_state["runs"] = default_runs(disc.runs)
     else:  # runs that vanished since (rescan) are dropped instead of breaking the widget
@@ -324,12 +355,17 @@ def sidebar(root_arg: str | None, device_arg: str, with_image: bool) -> Ctx | No
 _current = threading.local()  # each session's script run has its own thread
 
 
+def debug() -> bool:
+    """``RMAE_DASHBOARD_DEBUG=1`` (tests): errors a page would show as one message are raised."""
+    return os.environ.get("RMAE_DASHBOARD_DEBUG") == "1"
+
+
 def run_page(page: Any, ctx: Ctx) -> None:
     """Run the ``st.navigation`` page with ``ctx``; an error is one message with details folded
-    away and the app stays up (``RMAE_DASHBOARD_DEBUG=1``: raised, for tests)."""
+    away and the app stays up (:func:`debug`: raised, for tests)."""
     _current.ctx = ctx
     try:
-        if os.environ.get("RMAE_DASHBOARD_DEBUG") == "1":
+        if debug():
             page.run()
             return
         try:

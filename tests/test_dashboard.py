@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, TINY_TRAIN
+from conftest import IMG, TINY_TRAIN, make_run
 
 import rmae
 from analysis.encoder import attention_pass
@@ -83,6 +83,53 @@ def _results(root: Path) -> dict:
     return data
 
 
+#: the hand-made study: per configuration, each seed's per-layer mean attention distance (from its
+#: own analysis) and linear-probe accuracy; the study's results.json aggregates them
+STUDY_LAYERS = {"mae": [[9.0, 11.0], [9.5, 11.5], [10.0, 12.0]], "rmae": [[7.0, 8.0], [7.5, 8.5], [8.0, 9.0]]}
+STUDY_LINEAR = {"mae": [0.70, 0.72, 0.74], "rmae": [0.60, 0.62, 0.61]}
+
+
+def _study(root: Path) -> Path:
+    """``studies/s``: 2 configurations × 3 seeds as ``rmae study`` lays them out (run folders, each
+    seed's analysis, the aggregated results.json with per-seed values, differences and a control)."""
+    study = root / "studies" / "s"
+    study.mkdir(parents=True)
+    (study / "study.json").write_text(json.dumps({"preset": "demo", "families": ["mae", "rmae"], "grid": {}}))
+    configs, diffs = {}, {}
+    for fam, curves in STUDY_LAYERS.items():
+        folders = []
+        for seed, curve in enumerate(curves):
+            name = f"{fam}-s{seed}"
+            folders.append(str(make_run(study / "runs" / name, name=f"{fam}_vit_tiny_patch8", seed=seed)))
+            (study / "analysis" / name).mkdir(parents=True)
+            (study / "analysis" / name / "results.json").write_text(json.dumps({
+                "version": 1, "runs": {name: {"family": fam, "metrics": {"attention_distance": {
+                    "value": curve[-1], "per_layer": curve}}}}}))
+        mean = [float(np.mean([c[i] for c in curves])) for i in range(2)]
+        lin = STUDY_LINEAR[fam]
+        configs[fam] = {
+            "path": str(study / "runs"), "family": fam, "model": fam, "role": "configuration", "config": {"family": fam},
+            "seeds": [0, 1, 2], "run_folders": folders,
+            "metrics": {
+                "attention_distance": {"value": mean[-1], "ci": [min(c[-1] for c in curves), max(c[-1] for c in curves)],
+                                       "per_layer": mean, "per_layer_ci": [[m - 0.5, m + 0.5] for m in mean],
+                                       "per_seed": [c[-1] for c in curves], "n_seeds": 3, "scope": "method",
+                                       "unit": "px"},
+                "linear_probe": {"value": float(np.mean(lin)), "ci": [min(lin), max(lin)], "per_seed": lin,
+                                 "n_seeds": 3, "scope": "method"}}}
+    diffs["rmae − mae"] = {
+        "linear_probe": {"value": -0.11, "ci": [-0.14, -0.08], "per_seed": [-0.10, -0.10, -0.13], "n_seeds": 3,
+                         "scope": "method", "seeds": [0, 1, 2]},
+        "attention_distance": {"value": -3.0, "ci": [-3.2, -2.8], "per_seed": [-3.0, -3.0, -3.0], "n_seeds": 3,
+                               "scope": "method", "seeds": [0, 1, 2]}}
+    configs["random-init"] = {"family": "mae", "role": "control", "metrics": {
+        "linear_probe": {"value": 0.3, "ci": [0.28, 0.32]}, "attention_distance": {"value": 16.0, "ci": [15.9, 16.1]}}}
+    (study / "results.json").write_text(json.dumps({
+        "version": 1, "data": "scenes:val:16", "n_images": 16, "seed": 0, "reference": "mae", "runs": configs,
+        "differences": diffs, "baselines": {}, "kind": "study", "seeds": [0, 1, 2]}))
+    return study
+
+
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("dash")
@@ -103,6 +150,7 @@ def runs_root(tmp_path_factory) -> Path:
     Image.fromarray(build_dataset("scenes:val:4", image_size=48).load(2)["image"]).save(root / "images" / "scene.png")
     (root / "reports" / "fixture").mkdir(parents=True)
     (root / "reports" / "fixture" / "results.json").write_text(json.dumps(_results(root)))
+    _study(root)
     return root
 
 
@@ -365,6 +413,89 @@ def test_metrics_page_warns_about_wrong_types_and_shows_the_rest(app, runs_root)
     shutil.rmtree(folder)
 
 
+def _specs(at) -> dict[str, dict]:
+    return {(sp := json.loads(ch.proto.spec))["layout"]["title"]["text"]: sp for ch in at.get("plotly_chart")}
+
+
+def _traces(spec: dict, suffix: str) -> dict[str, dict]:
+    return {t["name"]: t for t in spec["data"] if t["name"].endswith(suffix)}
+
+
+def test_metrics_page_shows_a_study(app):
+    """A study's report: each metric's per-seed points (n_seeds per configuration, spread around
+    its position) with the mean and its across-seed interval; per-layer curves with their band and
+    a thin line per seed (from each seed's own analysis); the control; the seed-paired differences
+    with their scope; the runs of each configuration."""
+    at = _page(app, "Metrics and probes")
+    at.selectbox(key="report").set_value("studies/s").run()
+    assert not at.exception, at.exception
+    assert "studies/s  (study)" in at.selectbox(key="report").options
+    assert any(c.value.startswith("Study `studies/s` · 2 configuration(s) · seeds 0, 1, 2 · data `scenes:val:16` · "
+                                  "16 images") for c in at.caption)
+    specs = _specs(at)
+    linear = specs[f"{metric('linear_probe').title} (↑ better)"]
+    seeds = _traces(linear, ": seeds")
+    assert list(seeds) == ["mae: seeds", "rmae: seeds"]
+    for i, fam in enumerate(("mae", "rmae")):
+        t = seeds[f"{fam}: seeds"]
+        assert t["y"] == STUDY_LINEAR[fam] and t["customdata"] == ["0", "1", "2"]  # one point per seed
+        assert t["x"] == pytest.approx([i - 0.18, i, i + 0.18])  # spread around the configuration
+        mean = _traces(linear, "mean, 95 % CI over seeds")[f"{fam}: mean, 95 % CI over seeds"]
+        m = float(np.mean(STUDY_LINEAR[fam]))
+        assert mean["x"] == [i] and mean["y"] == pytest.approx([m])
+        assert mean["error_y"]["array"] == pytest.approx([max(STUDY_LINEAR[fam]) - m])
+        assert mean["error_y"]["arrayminus"] == pytest.approx([m - min(STUDY_LINEAR[fam])])
+    control = [t for t in linear["data"] if t["name"] == "control: random-init"][0]
+    assert control["x"] == [2] and control["y"] == [0.3] and control["error_y"]["array"] == pytest.approx([0.02])
+    assert linear["layout"]["xaxis"]["ticktext"] == ["mae", "rmae", "control: random-init"]
+    last = specs[f"{metric('attention_distance').title} — last layer"]
+    assert {k: t["y"] for k, t in _traces(last, ": seeds").items()} == {
+        f"{fam}: seeds": [c[-1] for c in curves] for fam, curves in STUDY_LAYERS.items()}
+    layers = specs[metric("attention_distance").title]
+    for fam, curves in STUDY_LAYERS.items():
+        thin = [t["y"] for t in layers["data"] if t["name"] == f"{fam}: seed line"]
+        assert thin == curves  # each seed's own per-layer line, from its analysis
+        assert [t["y"] for t in layers["data"] if t["name"] == fam] == [
+            [float(np.mean([c[i] for c in curves])) for i in range(2)]]
+    assert sum(1 for t in layers["data"] if t.get("fill") == "toself") == 2  # a band per configuration
+    values, controls = [d.value for d in at.dataframe if metric("linear_probe").title in d.value.columns]
+    assert list(values.index) == ["mae", "rmae"] and list(controls.index) == ["random-init"]
+    assert values.loc["mae", metric("linear_probe").title] == "0.720 [0.700, 0.740]"
+    assert controls.loc["random-init", metric("linear_probe").title] == "0.300 [0.280, 0.320]"
+    diff = _df(at, "seeds paired").set_index("metric")
+    assert diff.loc["linear_probe", "value [95 % CI]"] == "-0.110 [-0.140, -0.080]"
+    assert diff.loc["linear_probe", "scope"] == "method" and diff.loc["linear_probe", "seeds paired"] == 3
+    assert diff.loc["linear_probe", "per seed"] == "-0.100, -0.100, -0.130"
+    assert diff.loc["linear_probe", "CI excludes 0"] == "yes"
+    at.selectbox(key="study_diff").set_value("linear_probe").run()
+    dfig = _specs(at)[f"Seed-paired differences: {metric('linear_probe').title}"]
+    assert _traces(dfig, ": seeds")["rmae − mae: seeds"]["y"] == [-0.10, -0.10, -0.13]
+    runs = _df(at, "run folder")
+    assert list(runs["run folder"]) == [f"studies/s/runs/{f}-s{i}" for f in ("mae", "rmae") for i in range(3)]
+    assert set(runs["status"]) == {"ok"} and not at.main.warning, [w.value for w in at.main.warning]
+    at.multiselect(key="study_configs").set_value(["rmae"]).run()
+    linear = _specs(at)[f"{metric('linear_probe').title} (↑ better)"]
+    assert list(_traces(linear, ": seeds")) == ["rmae: seeds"]
+
+
+def test_study_runs_are_grouped(app):
+    """The sidebar labels a study's runs by study and selects them at once; the Runs page lists them
+    in a table of their own under the study's name."""
+    at = app
+    names = [f"studies/s/runs/{f}-s{i}" for f in ("mae", "rmae") for i in range(3)]
+    options = at.sidebar.multiselect(key="runs").options
+    assert "s › mae-s0  (mae_vit_tiny_patch8)" in options and "s › rmae-s2  (rmae_vit_tiny_patch8)" in options
+    assert at.sidebar.selectbox(key="study_pick").value == "studies/s"
+    at.sidebar.button(key="study_select").click().run()
+    assert at.sidebar.multiselect(key="runs").value == names
+    at = _page(at, "Runs")
+    assert [s.value for s in at.subheader if s.value.startswith("Study")] == ["Study studies/s"]
+    tables = [d.value for d in at.dataframe if "steps logged" in d.value.columns]
+    assert set(tables[0].index) == {"broken", "foreign", "mae", "rmae"}
+    assert list(tables[1].index) == [n.split("/")[-1] for n in names]
+    assert list(tables[1]["model"]) == ["mae_vit_tiny_patch8"] * 3 + ["rmae_vit_tiny_patch8"] * 3
+
+
 def test_metrics_page_refuses_unsafe_report_names(app):
     at = _page(app, "Metrics and probes")
     at.text_input(key="an_name").set_value("../../etc").run()
@@ -469,7 +600,7 @@ def test_runs_page_curves_and_configs(app, runs_root):
 
 def test_broken_foreign_and_escaping_runs_are_clear_errors(app, runs_root):
     at = app
-    assert "escape" not in at.sidebar.multiselect(key="runs").options
+    assert not [o for o in at.sidebar.multiselect(key="runs").options if o.startswith("escape")]  # labels, as shown
     assert any("symlink leaving the runs root" in w.value and "escape" in w.value for w in at.sidebar.warning)
     at.sidebar.multiselect(key="runs").set_value(["broken", "foreign", "rmae"]).run()
     assert not at.exception, at.exception

@@ -27,7 +27,8 @@ from dashboards import compute as C
 from dashboards import images as I
 from dashboards import results as R
 from dashboards.jobs import JobBoard, JobBusyError, analyze_command, last_line
-from dashboards.runs import RunsRoot, UnsafePathError
+from dashboards.discovery import discover
+from dashboards.runs import RootFileError, RunsRoot, UnsafePathError
 from rmae.data import build_dataset
 
 # ------------------------------------------------------------------------------------------
@@ -43,8 +44,11 @@ def test_inside_refuses_paths_leaving_the_root(tmp_path):
     rr = RunsRoot(root)
     assert rr.inside("a") == (root / "a").resolve()
     assert rr.inside("inner") == (root / "a").resolve()  # a symlink that stays inside is fine
-    for bad in ("..", "../secret", "a/../../secret", str(tmp_path / "secret"), "/etc", "link", "link/x"):
-        with pytest.raises(UnsafePathError, match="outside the runs root"):
+    for bad in ("..", "../secret", "a/../../secret", str(tmp_path / "secret"), "/etc"):
+        with pytest.raises(UnsafePathError, match=f"^{bad}: outside the runs root {root} \\(refused\\)$"):
+            rr.inside(bad)
+    for bad, shown in (("link", "link"), ("link/x", "link/x"), ("inner/../link", "link")):
+        with pytest.raises(UnsafePathError, match=f"^{shown}: a symlink leaving the runs root \\(refused"):
             rr.inside(bad)
     for bad in ("", "../x", "a/b", ".hidden", "x" * 65):
         with pytest.raises(UnsafePathError):
@@ -71,11 +75,12 @@ def test_discovery(tmp_path):
     (root / "reports" / "r1" / "results.json").write_text("{}")
     (root / ".hidden").mkdir()
     make_run(root / ".hidden" / "run")
-    disc = RunsRoot(root).discover()
+    disc = discover(RunsRoot(root))
     names = {r.name: r for r in disc.runs}
     assert set(names) == {"bad", "demo/rmae", "sneaky"}
     assert names["demo/rmae"].family == "rmae" and names["demo/rmae"].img_size == IMG and not names["demo/rmae"].problem
-    assert "symlink leaving the runs root" in names["sneaky"].problem
+    assert names["sneaky"].problem.startswith("sneaky/checkpoints/step_000001.safetensors: a symlink leaving the "
+                                              "runs root (refused")
     assert "not valid YAML" in names["bad"].problem and names["bad"].problem.startswith("bad/config.yaml")
     assert disc.image_folders == ["pics"]
     assert disc.reports == ["reports/r1"]
@@ -83,30 +88,123 @@ def test_discovery(tmp_path):
     assert RunsRoot(root).images_in("pics") == ["pics/x.png"]
 
 
+def test_discovery_of_studies(tmp_path):
+    """A folder holding study.json is a study: its runs/ are its runs (grouped under it, found
+    below the depth other folders are searched to), its results.json a report; its analysis/
+    (one results.json per seed) is not a list of reports; a run symlinked out of it is rejected."""
+    root = tmp_path / "root"
+    study = root / "a" / "b" / "studies" / "x"  # runs at depth 6
+    (study / "runs").mkdir(parents=True)
+    (study / "study.json").write_text("{}")
+    (study / "results.json").write_text("{}")
+    make_run(study / "runs" / "mae-s0", name="mae_vit_tiny_patch8")
+    make_run(study / "runs" / "rmae-s0")
+    (study / "runs" / "notes.txt").write_text("not a run")
+    (study / "analysis" / "mae-s0").mkdir(parents=True)
+    (study / "analysis" / "mae-s0" / "results.json").write_text("{}")
+    make_run(tmp_path / "outside")
+    (study / "runs" / "escape-s1").symlink_to(tmp_path / "outside", target_is_directory=True)
+    make_run(root / "plain")
+    disc = discover(RunsRoot(root))
+    assert [(r.name, r.study, r.short) for r in disc.runs] == [
+        ("a/b/studies/x/runs/mae-s0", "a/b/studies/x", "mae-s0"), ("a/b/studies/x/runs/rmae-s0", "a/b/studies/x", "rmae-s0"),
+        ("plain", None, "plain")]
+    assert disc.runs[0].label == "x › mae-s0  (mae_vit_tiny_patch8)" and disc.runs[2].label.startswith("plain  (")
+    assert list(disc.studies) == ["a/b/studies/x"] and disc.studies["a/b/studies/x"].has_results
+    assert disc.studies["a/b/studies/x"].runs == ["a/b/studies/x/runs/mae-s0", "a/b/studies/x/runs/rmae-s0"]
+    assert disc.reports == ["a/b/studies/x"]
+    assert [r.split(" → ")[0] for r in disc.rejected] == ["a/b/studies/x/runs/escape-s1"]
+    # the recorded run folders of its results.json, looked up in its own runs/
+    rr = RunsRoot(root)
+    x = "a/b/studies/x"
+    ok = rr.study_run(x, "mae", 0, "/another/machine/studies/x/runs/mae-s0")
+    assert (ok.run, ok.name, ok.problem) == (f"{x}/runs/mae-s0", "mae-s0", None)
+    assert rr.study_run(x, "mae", 1, str(tmp_path / "outside")).problem == (
+        f"{tmp_path / 'outside'}: not a run folder of this study (its runs are {x}/runs/NAME); left out")
+    assert rr.study_run(x, "mae", 1, "runs/escape-s1").problem.startswith(
+        f"{x}/runs/escape-s1: a symlink leaving the runs root (refused")
+    assert rr.study_run(x, "mae", 1, "../../runs/ghost").problem == f"{x}/runs/ghost: no such folder"
+    assert rr.study_run(x, "mae", 1, "runs/..").problem.endswith("left out")
+    assert rr.study_run(x, "mae", 1, 7).problem == "run folder '7' is not a path; left out"
+    (study / "runs" / "empty").mkdir()
+    assert rr.study_run(x, "mae", 1, "runs/empty").problem == f"{x}/runs/empty: not a run folder (no config.yaml, marker or weights)"
+    assert rr.study_analysis(x, "mae-s0") == f"{x}/analysis/mae-s0/results.json"
+
+
 def test_run_folders_through_the_root(tmp_path):
-    """Logs and configs are read by RunFolder, after the root has checked the folder; the weights
-    file a run's own files name is confined too, even past the symlink scan's window."""
+    """Logs, configs and weights are read through the root, which checks each file as it is
+    opened: a symlink out of the root is refused however many entries sit before it (there is no
+    scan window to hide behind), and a run folder that became a file is refused too."""
     root = tmp_path / "root"
     run = make_run(root / "run")
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     rr = RunsRoot(root)
     folder = rr.run_folder("run")
-    rows, bad = folder.read_metrics()
+    assert folder.root == run.resolve()
+    rows, bad = rr.run_metrics(folder)
     assert [r["step"] for r in rows] == [1, 2] and bad == 1
-    assert folder.read_config()["model_config"]["family"] == "rmae"
+    assert rr.run_config(folder)["model_config"]["family"] == "rmae"
     assert rr.weights(folder) == (run / "model.safetensors").resolve()
-    # a run whose newest checkpoint is a symlink out of the root, hidden behind 500 other entries
+    # a run whose newest checkpoint is a symlink out of the root, hidden behind 5000 other entries
     make_run(tmp_path / "outside")
     far = root / "far"
     (far / "checkpoints").mkdir(parents=True)
-    for i in range(500):
-        (far / "checkpoints" / f"a{i:03d}.txt").write_text("")
+    for i in range(5000):
+        (far / "checkpoints" / f"a{i:04d}.txt").write_text("")
     (far / "checkpoints" / "step_000009.safetensors").symlink_to(tmp_path / "outside" / "model.safetensors")
-    folder = rr.run_folder("far")  # the scan window misses it…
-    with pytest.raises(UnsafePathError, match="outside the runs root"):
-        rr.weights(folder)  # …the weights check does not
-    with pytest.raises(UnsafePathError):
+    folder = rr.run_folder("far")
+    with pytest.raises(UnsafePathError, match="^far/checkpoints/step_000009.safetensors: a symlink leaving the runs "
+                                              "root \\(refused"):
+        rr.weights(folder)
+    # …and its config and log, symlinked out, are refused when read
+    (far / "config.yaml").symlink_to(tmp_path / "outside" / "config.yaml")
+    (far / "metrics.jsonl").symlink_to(run / "metrics.jsonl")  # a symlink that stays inside is fine
+    with pytest.raises(UnsafePathError, match="^far/config.yaml: a symlink leaving the runs root"):
+        rr.run_config(folder)
+    assert [r["step"] for r in rr.run_metrics(folder)[0]] == [1, 2]
+    with pytest.raises(UnsafePathError, match="^../outside: outside the runs root"):
         rr.run_folder("../outside")
+    (root / "plain").write_text("not a folder")
+    with pytest.raises(RootFileError, match="^plain: not a folder$"):
+        rr.run_folder("plain")
+    with pytest.raises(RootFileError, match="^nothing: no such folder$"):
+        rr.run_folder("nothing")
+
+
+def test_root_files_are_regular_and_bounded(tmp_path):
+    """What :meth:`RunsRoot.file` refuses, with the message shown on the page."""
+    root = tmp_path / "root"
+    root.mkdir()
+    rr = RunsRoot(root)
+    (root / "ok.json").write_text('{"a": 1}')
+    assert rr.read_json("ok.json") == {"a": 1}
+    os.mkfifo(root / "fifo.json")
+    with pytest.raises(RootFileError, match=r"^fifo.json: not a regular file \(a FIFO, device or socket\); refused$"):
+        rr.read_json("fifo.json")
+    with open(root / "big.json", "wb") as f:  # sparse: 70 MiB of nothing
+        f.truncate(70 * 2**20)
+    with pytest.raises(RootFileError, match=r"^big.json: 70.0 MiB, more than the 64.0 MiB the dashboard reads for a "
+                                            r"results file \(refused\)$"):
+        rr.read_json("big.json", "results file")
+    (root / "latin1.json").write_bytes(b'{"caf\xe9": 1}')
+    with pytest.raises(RootFileError, match="^latin1.json: not UTF-8 text$"):
+        rr.read_json("latin1.json")
+    (root / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RootFileError, match="^deep.json: nested too deeply to read$"):
+        rr.read_json("deep.json")
+    (root / "loop").symlink_to(root / "loop")
+    with pytest.raises(RootFileError, match="^loop: a symlink loop"):
+        rr.read_json("loop")
+    (root / "sub").mkdir()
+    with pytest.raises(RootFileError, match="^sub: is a folder, not a file$"):
+        rr.file("sub")
+    with pytest.raises(RootFileError, match="^gone.json: no such file$"):
+        rr.file("gone.json")
+    for i in range(30):
+        (root / "sub" / f"f{i:02d}").write_text("")
+    entries, more = rr.listdir("sub", limit=10)
+    assert len(entries) == 10 and more and all(e.parent == (root / "sub").resolve() for e in entries)
+    assert rr.listdir("sub")[0] == sorted((root / "sub").resolve().iterdir())
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,6 +449,125 @@ def test_config_table_only_differences():
     assert list(d.index) == ["m.k"]
 
 
+def _study_doc() -> dict:
+    """A study's results.json: two configurations (3 and 1 seeds), a control, a difference."""
+    def est(per_seed, per_layer=None):
+        v = float(np.mean(per_seed))
+        d = {"value": v, "ci": [min(per_seed), max(per_seed)], "per_seed": per_seed, "n_seeds": len(per_seed),
+             "scope": "method" if len(per_seed) > 1 else "checkpoint"}
+        if per_layer:
+            d.update(per_layer=per_layer, per_layer_ci=[[x - 1, x + 1] for x in per_layer])
+        return d
+
+    return {"version": 1, "kind": "study", "seeds": [0, 1, 2], "runs": {
+        "mae": {"role": "configuration", "family": "mae", "seeds": [0, 1, 2], "run_folders": ["r/runs/a", "r/runs/b", "r/runs/c"],
+                "metrics": {"knn": est([0.5, 0.6, 0.7]), "attention_entropy": est([3.0, 3.2, 3.4], [2.0, 3.2])}},
+        "rmae-k=1": {"role": "configuration", "family": "rmae", "seeds": [0], "run_folders": ["r/runs/d"],
+                     "metrics": {"knn": est([0.4])}},
+        "content-free": {"role": "control", "metrics": {"knn": {"value": 0.1, "ci": [0.05, 0.15]}}}},
+        "differences": {"rmae-k=1 − mae": {"knn": {**est([-0.1]), "seeds": [0]}}}}
+
+
+def test_study_figures_known_answers():
+    from dashboards import study as S
+
+    res = Results.from_json(_study_doc())
+    assert S.is_study(res) and S.configurations(res) == ["mae", "rmae-k=1"] and S.controls(res) == ["content-free"]
+    assert S.metrics_present(res, ["mae", "rmae-k=1"]) == ["attention_entropy", "knn"]  # registry order
+    assert S.jitter(1) == [0.0] and S.jitter(3) == pytest.approx([-S.JITTER, 0.0, S.JITTER])
+    fig = S.seed_figure(res, "knn", ["mae", "rmae-k=1"])
+    by = {t.name: t for t in fig.data}
+    assert list(by) == ["mae: seeds", "mae: mean, 95 % CI over seeds", "rmae-k=1: seeds",
+                        "rmae-k=1: mean, 95 % CI over seeds", "control: content-free"]
+    assert list(by["mae: seeds"].y) == [0.5, 0.6, 0.7] and list(by["mae: seeds"].customdata) == ["0", "1", "2"]
+    assert list(by["rmae-k=1: seeds"].x) == [1.0] and list(by["rmae-k=1: seeds"].y) == [0.4]
+    m = by["mae: mean, 95 % CI over seeds"]
+    assert list(m.y) == pytest.approx([0.6]) and list(m.error_y.array) == pytest.approx([0.1])
+    assert list(m.error_y.arrayminus) == pytest.approx([0.1])
+    assert list(by["control: content-free"].x) == [2] and list(fig.layout.xaxis.ticktext) == [
+        "mae", "rmae-k=1", "control: content-free"]
+    assert [t.name for t in S.seed_figure(res, "knn", ["mae"], with_controls=False).data] == [
+        "mae: seeds", "mae: mean, 95 % CI over seeds"]
+    assert S.seed_figure(res, "attention_entropy", ["mae"]).layout.title.text.endswith("— last layer")
+    lf = S.seed_layer_figure(res, "attention_entropy", ["mae"], {"mae": [[1.0, 3.0], [2.0, "x"], [None, None]]})
+    assert [(t.name, list(t.y)) for t in lf.data if t.name.endswith("seed line")] == [
+        ("mae: seed line", [1.0, 3.0]), ("mae: seed line", [2.0, None])]  # an empty line is left out
+    assert [list(t.y) for t in lf.data if t.name == "mae"] == [[2.0, 3.2]]
+    band = [t for t in lf.data if t.fill == "toself"][0]
+    assert list(band.x) == [1, 2, 2, 1] and list(band.y) == [3.0, 4.2, 2.2, 1.0]
+    table = S.differences_table(res).set_index("metric")
+    assert table.loc["knn", "scope"] == "checkpoint" and table.loc["knn", "seeds paired"] == 1
+    assert table.loc["knn", "per seed"] == "-0.100" and table.loc["knn", "CI excludes 0"] == "yes"
+    dfig = S.difference_figure(res, "knn")
+    assert [t.name for t in dfig.data] == ["rmae-k=1 − mae: seeds", "rmae-k=1 − mae: mean, 95 % CI (checkpoint)"]
+    assert S.difference_figure(res, "attention_entropy") is None
+    assert S.seeds_of(res, "mae") == [(0, "r/runs/a"), (1, "r/runs/b"), (2, "r/runs/c")]
+    assert S.problems(res) == []
+
+
+def _leaves(doc, path=()):
+    """Every position in a JSON document (for the wrong-types sweep)."""
+    yield path
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for k, v in items:
+        yield from _leaves(v, (*path, k))
+
+
+def test_study_and_report_views_take_any_wrong_type():
+    """Every position of a study's results.json replaced by each kind of junk: the tables and
+    figures the metrics page draws are built without an exception (a report with wrong types is one
+    warning, never a page failure)."""
+    import copy
+
+    from dashboards import study as S
+
+    doc = _study_doc()
+    junk = [None, "x", {}, [["x"]], True]
+    count = 0
+    for path in list(_leaves(doc))[1:]:
+        for value in junk:
+            bad = copy.deepcopy(doc)
+            target = bad
+            for k in path[:-1]:
+                target = target[k]
+            target[path[-1]] = value
+            try:
+                res = Results.from_json(bad)
+            except Exception:  # noqa: BLE001 - ResultsError only: not a results file at all
+                continue
+            configs = S.configurations(res)
+            S.problems(res)
+            for name in S.metrics_present(res, configs):
+                S.seed_figure(res, name, configs)
+                S.seed_layer_figure(res, name, configs, {c: [[1.0, 2.0]] for c in configs})
+                S.difference_figure(res, name)
+            S.differences_table(res)
+            R.scalar_table(res, list(res.runs))
+            R.interactive_figure(res, list(res.runs))
+            [S.seeds_of(res, c) for c in configs]
+            count += 1
+    assert count > 150
+
+
+def test_choice_kept_across_reports():
+    from dashboards.state import still_there
+
+    assert still_there(None, ["a", "b"]) == ["a", "b"]  # first time: everything
+    assert still_there(["b", "x"], ["a", "b"]) == ["b"]  # what still exists
+    assert still_there(["x"], ["a", "b"]) == ["a", "b"]  # another report's choice: everything
+    assert still_there([], ["a", "b"]) == []  # cleared by the user: stays cleared
+
+
+def test_probe_files_table_is_typed():
+    t = R.probe_files_table({"r": [{"probe": {"a": 1}, "metric": 3, "value": "0.5", "layer": 1.5, "n_train": True,
+                                    "pool": None, "chance": [1]}, {"probe": "linear", "value": 0.7, "layer": 2}]})
+    row = t.to_dict("records")
+    assert row[0]["probe"] == '{"a": 1}' and row[0]["metric"] == "3" and row[0]["value"] == 0.5
+    assert row[0]["pool"] == "—" and row[0]["chance"] is None or np.isnan(row[0]["chance"])
+    assert t["layer"].tolist()[1] == 2 and (t["layer"].isna().tolist()[0])
+    assert row[1]["probe"] == "linear" and row[1]["value"] == 0.7
+
+
 # ------------------------------------------------------------------------------------------
 # background jobs
 
@@ -396,6 +613,10 @@ def test_jobs_log_status_and_one_per_report(tmp_path):
     status = _wait(board.start(report, [PY, "-c", "print('fine')"]))
     assert status.state == "done" and status.message == "" and (report / "analyze.log").read_text() == "fine\n"
     assert last_line(tmp_path / "nothing.log") == ""
+    os.mkfifo(tmp_path / "fifo.log")  # would block a plain open()
+    assert last_line(tmp_path / "fifo.log") == ""
+    (tmp_path / "link.log").symlink_to(report / "analyze.log")  # not followed
+    assert last_line(tmp_path / "link.log") == "" and last_line(report / "analyze.log") == "fine"
     # a log planted as a symlink out of the report folder is refused, not followed
     (report / "analyze.log").unlink()
     (report / "analyze.log").symlink_to(tmp_path / "elsewhere.txt")
@@ -452,6 +673,11 @@ def test_cli_command_and_errors(tmp_path, capsys):
     assert opts["--server.address"] == "127.0.0.1" and opts["--server.port"] == "8123"
     assert opts["--server.headless"] == "true" and opts["--browser.gatherUsageStats"] == "false"
     assert cmd[-5:] == ["--", "--runs", str(tmp_path), "--device", "auto"]
+    assert opts["--server.enableCORS"] == "true" and opts["--server.enableXsrfProtection"] == "true"
+    assert [cmd[i + 1] for i, w in enumerate(cmd) if w == "--server.allowedHosts"] == ["localhost", "127.0.0.1", "::1"]
+    assert cli.allowed_hosts("localhost") == ["localhost", "127.0.0.1", "::1"]
+    assert cli.allowed_hosts("192.168.1.5") == ["192.168.1.5", "localhost", "127.0.0.1", "::1"]
+    assert cli.allowed_hosts("0.0.0.0") == [] and cli.allowed_hosts("::") == []
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
     args = parser.parse_args(["dashboard", "--runs", str(tmp_path / "nope")])

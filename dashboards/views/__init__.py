@@ -3,5 +3,5 @@
 
 Each file defines ``render(ctx)`` (``ctx``: :class:`dashboards.state.Ctx`, what the sidebar chose)
 and calls it through :func:`dashboards.state.show` when Streamlit runs the file; importing a page
-draws nothing.
+draws nothing. ``study.py`` is not a page: it is the metrics page's view of a study.
 """

@@ -1,11 +1,12 @@
 """Metrics and probes: a report's per-layer curves, per-run table, interactive-segmentation curves,
-differences and CKA; probe results stored in the run folders; and "Compute what is missing",
-which runs ``rmae analyze`` for the selected runs as a background job (:mod:`dashboards.jobs`)
-and selects its report when it finishes."""
+differences and CKA (a study's report: its view across seeds, :mod:`dashboards.views.study`); probe
+results stored in the run folders; and "Compute what is missing", which runs ``rmae analyze`` for
+the selected runs as a background job (:mod:`dashboards.jobs`) and selects its report when it
+finishes. A report or a probe file that cannot be read is one message; the rest of the page stays."""
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import streamlit as st
@@ -14,9 +15,12 @@ from analysis.registry import METRICS, PROBE_KEYS, metric
 from analysis.results import Results, ResultsError
 from dashboards import results as R
 from dashboards import state
-from dashboards.jobs import JobBusyError, analyze_command
-from dashboards.runs import RunEntry, RunsRoot, UnsafePathError
-from rmae.io import read_text
+from dashboards import study as S
+from dashboards.jobs import analyze_command
+from dashboards.discovery import RunEntry
+from dashboards.runs import RunsRoot, UnsafePathError
+from dashboards.views import study as study_view
+from rmae.errors import UserError
 
 #: seconds between status checks of a running job in the browser
 POLL_SECONDS = 2.0
@@ -27,8 +31,8 @@ MAX_PROBE_FILES = 200
 # a report
 
 
-def _load(ctx: state.Ctx) -> Results | None:
-    """The chosen report (its problems shown as a warning), or None."""
+def _load(ctx: state.Ctx) -> tuple[str, Results] | None:
+    """The chosen report and its results (their problems shown as a warning), or None."""
     reports = ctx.disc.reports
     if st.session_state.get("_report_next") in reports:
         st.session_state["report"] = st.session_state.pop("_report_next")
@@ -38,25 +42,51 @@ def _load(ctx: state.Ctx) -> Results | None:
         return None
     if st.session_state.get("report") not in reports:
         st.session_state["report"] = reports[0]
-    report = st.selectbox("Report", reports, key="report")
+    report = st.selectbox("Report", reports, key="report",
+                          format_func=lambda r: f"{r}  (study)" if r in ctx.disc.studies else r)
     try:
-        path = ctx.root.inside(Path(report) / "results.json")
+        path = ctx.root.results_file(report)
         data = state.results(str(path), path.stat().st_mtime_ns)
-    except (UnsafePathError, OSError, ResultsError) as e:
-        st.error(f"{report}: {e}")
+    except ResultsError as e:  # its message starts with the file's name
+        st.error(f"{report}/{e}")
+        return None
+    except (UserError, OSError) as e:  # names the file relative to the root
+        st.error(str(e))
         return None
     if data.problems:
         shown = "\n".join(f"- {p}" for p in data.problems[:20])
         more = f"\n- … and {len(data.problems) - 20} more" if len(data.problems) > 20 else ""
         st.warning(f"{report}/results.json has entries of the wrong type; they are left out and the rest is "
                    f"shown (re-run `rmae analyze` to rewrite it):\n{shown}{more}")
-    return data
+    return report, data
 
 
-def _show(data: Results) -> None:
+def linked_runs(root: RunsRoot, data: Results) -> tuple[dict[str, str], list[str]]:
+    """The run folder (relative name) each run of a report was analysed from, when its recorded
+    path (absolute, or relative to the root) lies inside the root; and a message for each path
+    that leads outside (resolved by :meth:`RunsRoot.inside`: never opened)."""
+    links, outside = {}, []
+    for name, run in data.runs.items():
+        if not run.path or run.role not in ("run", ""):
+            continue
+        try:
+            links[name] = root.rel(root.inside(run.path))
+        except UnsafePathError:
+            outside.append(f"{name} → {run.path[:200]}")
+        except UserError:
+            continue
+    return links, outside
+
+
+def _show(ctx: state.Ctx, data: Results) -> None:
     runs_all = list(data.runs)
     st.caption(f"data `{data.data or '?'}` · {data.n_images} images · seed {data.seed}")
-    runs = st.multiselect("Runs in this report", runs_all, default=runs_all, key="report_runs")
+    _, outside = linked_runs(ctx.root, data)
+    if outside:
+        st.caption("Recorded run paths outside the runs root (not linked to a run folder, not read): "
+                   + "; ".join(outside))
+    st.session_state["report_runs"] = state.still_there(st.session_state.get("report_runs"), runs_all)
+    runs = st.multiselect("Runs in this report", runs_all, key="report_runs")
     present = R.layer_metrics_present(data, runs)
     if present:
         st.subheader("Per layer (bootstrap 95 % CI over images)")
@@ -79,49 +109,71 @@ def _show(data: Results) -> None:
         st.plotly_chart(R.cka_figure(entry), key=f"fig-cka-{j}")
 
 
+def _report(ctx: state.Ctx, report: str, data: Results) -> None:
+    """A report (a study's: its view across seeds); a failure is one message for this report."""
+    try:
+        if S.is_study(data):
+            study_view.render(ctx, report, data)
+        else:
+            _show(ctx, data)
+    except Exception as e:  # noqa: BLE001 - one report must not take the page down
+        if state.debug():
+            raise
+        st.error(f"{report}: cannot be shown ({type(e).__name__}: {e}); the rest of the page is below.")
+
+
 def _probe_files(ctx: state.Ctx) -> None:
-    """Probe results that ``rmae probe`` stored in the selected run folders."""
+    """Probe results that ``rmae probe`` stored in the selected run folders; a file that cannot be
+    read is one warning naming it."""
     found: dict[str, list[dict]] = {}
+    problems = []
     for entry in ctx.selected:
         if entry.problem:
             continue
         try:
-            folder = ctx.root.inside(ctx.root.run_folder(entry.name).analysis_dir("probes"))
-        except (UnsafePathError, OSError):
+            folder = ctx.root.run_folder(entry.name).analysis_dir("probes")
+            files = ctx.root.listdir(folder, MAX_PROBE_FILES)[0] if os.path.lexists(folder) else []
+        except UserError as e:
+            problems.append(f"Run **{entry.name}**: {e}")
             continue
-        if not folder.is_dir():
-            continue
-        for f in sorted(folder.glob("*.json"))[:MAX_PROBE_FILES]:
-            if not ctx.root.is_inside(f):
+        for f in files:
+            if f.suffix != ".json":
                 continue
             try:
-                d = json.loads(read_text(f))
-            except (OSError, ValueError):
+                d = ctx.root.read_json(f, "probe result")
+            except UserError as e:
+                problems.append(f"Run **{entry.name}**: {e}")
                 continue
             if isinstance(d, dict):
                 found.setdefault(entry.name, []).append(d)
+            else:
+                problems.append(f"Run **{entry.name}**: {ctx.root.rel(f)}: not a probe result (a JSON object); left out")
     table = R.probe_files_table(found)
-    if table is not None:
+    if table is not None or problems:
         st.subheader("Probe results stored in the run folders (`rmae probe`)")
+    if table is not None:
         st.dataframe(table, hide_index=True)
+    for p in problems:
+        st.warning(p)
 
 
 # ------------------------------------------------------------------------------------------
 # compute what is missing
 
 
-def missing(data: Results | None, entries: list[RunEntry]) -> dict[str, list[str]]:
+def missing(data: Results | None, entries: list[RunEntry], links: dict[str, str] | None = None) -> dict[str, list[str]]:
     """For each selected run, the registered metrics the report lacks for it (all of them when it
     is not in the report; interactive ones only for runs with a region decoder). Runs are matched
-    by name, folder name (what ``analyze`` names them) or path."""
+    by the run folder the report's run was analysed from (``links``: :func:`linked_runs`), by name
+    or by folder name (what ``analyze`` names them)."""
     by_key = {}
     for name, r in (data.runs if data else {}).items():
         by_key[name] = r
-        if r.path:
-            by_key[r.path] = r
+    for name, rel in (links or {}).items():
+        by_key[rel] = data.runs[name]
     out: dict[str, list[str]] = {}
     for e in entries:
-        r = by_key.get(e.name) or by_key.get(Path(e.name).name) or by_key.get(str(e.path))
+        r = by_key.get(e.name) or by_key.get(Path(e.name).name)
         expected = [k for k in METRICS if metric(k).group != "interactive" or e.family in ("rae", "rmae")]
         out[e.name] = [k for k in expected if r is None or k not in r.metrics]
     return out
@@ -165,6 +217,16 @@ def _job_status(root: RunsRoot, key: str) -> None:
             f"log: `{rel}/analyze.log`). The report opens here when it is done.")
 
 
+def _checked_run(root: RunsRoot, name: str) -> Path:
+    """A run folder handed to ``rmae analyze``, its config and weights checked now (the analysis
+    reads them in its own process)."""
+    folder = root.run_folder(name)
+    if os.path.lexists(folder.config_path):
+        root.run_config(folder)
+    root.weights(folder)
+    return folder.root
+
+
 def _compute_missing(ctx: state.Ctx, data: Results | None) -> None:
     running = bool(st.session_state.get("an_job"))
     if running:
@@ -174,8 +236,9 @@ def _compute_missing(ctx: state.Ctx, data: Results | None) -> None:
         if not entries:
             st.info("Choose runs in the sidebar first.")
             return
+        links = linked_runs(ctx.root, data)[0] if data is not None else {}
         lines = [f"- **{run}**: " + (", ".join(keys) if keys else "nothing missing")
-                 for run, keys in missing(data, entries).items()]
+                 for run, keys in missing(data, entries, links).items()]
         st.markdown("Missing from this report for the selected runs:\n" + "\n".join(lines))
         c1, c2, c3 = st.columns(3)
         n = int(c1.number_input("Images (scenes:val)", 8, 5000, 200, step=8, key="an_n"))
@@ -188,11 +251,11 @@ def _compute_missing(ctx: state.Ctx, data: Results | None) -> None:
             return
         try:
             out = ctx.root.report_dir(name.strip())
-            paths = [ctx.root.inside(e.name) for e in entries]
+            paths = [_checked_run(ctx.root, e.name) for e in entries]
             state.jobs().start(out, analyze_command(paths, out, n, probes),
                                label=f"{', '.join(p.name for p in paths)}, scenes:val:{n}")
-        except (UnsafePathError, JobBusyError, OSError) as e:
-            st.error(str(e))
+        except (UserError, OSError) as e:
+            st.error(ctx.root.relativize(str(e)))
             return
         st.session_state["an_job"] = str(out)
         st.rerun()
@@ -203,11 +266,11 @@ def render(ctx: state.Ctx) -> None:
     _finish_job(ctx)
     if "_flash" in st.session_state:
         st.success(st.session_state.pop("_flash"))
-    data = _load(ctx)
-    if data is not None:
-        _show(data)
+    loaded = _load(ctx)
+    if loaded is not None:
+        _report(ctx, *loaded)
     _probe_files(ctx)
-    _compute_missing(ctx, data)
+    _compute_missing(ctx, loaded[1] if loaded else None)
 
 
 if __name__ == "__main__":  # run by st.navigation
