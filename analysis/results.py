@@ -31,7 +31,7 @@ from rmae.io import atomic_write_json, read_text
 
 RESULTS_VERSION = 1
 PER_IMAGE_FILE = "per_image.npz"
-MAX_RESULTS_BYTES = 64 * 2**20
+MAX_RESULTS_BYTES = 16 * 2**20  # real results are KB–MB; more is not an analysis result
 DASH = "—"
 
 

@@ -47,7 +47,7 @@ import yaml
 
 from .errors import RunFolderError
 from .io import (MAX_TEXT_BYTES, atomic_write, atomic_write_json, atomic_write_text, is_regular_file, open_regular,
-                 read_text)
+                 read_regular, read_text)
 
 MARKER = ".rmae-run"
 LOCK = ".rmae-lock"
@@ -60,6 +60,8 @@ _STEP_RE = re.compile(r"^step_(\d{6,})\.(safetensors|state\.pt)$")
 _PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$")  # a file name, no path
 #: metrics.jsonl may be long (one line per logging step), but not unbounded
 MAX_METRICS_BYTES = 256 * 2**20
+#: entries of checkpoints/ looked at when no latest.json names the weights
+MAX_CHECKPOINT_ENTRIES = 100_000
 
 
 def file_digest(path: str | os.PathLike, _memo: dict[tuple, str] = {}) -> str:  # noqa: B006 - per-process memo
@@ -226,9 +228,7 @@ class RunFolder:
         if not self.metrics_path.exists():
             return [], 0
         try:
-            text = read_text(self.metrics_path, MAX_METRICS_BYTES)
-        except UnicodeDecodeError:
-            text = self.metrics_path.read_bytes()[:MAX_METRICS_BYTES].decode("utf-8", errors="replace")
+            text = read_regular(self.metrics_path, MAX_METRICS_BYTES).decode("utf-8", errors="replace")
         except (OSError, ValueError) as e:
             raise RunFolderError(f"{self.metrics_path}: cannot be read ({e})") from None
         rows, bad = [], 0
@@ -306,7 +306,9 @@ class RunFolder:
         if not self.checkpoints.is_dir():
             return []
         steps = set()
-        for p in self.checkpoints.iterdir():
+        for i, p in enumerate(self.checkpoints.iterdir()):
+            if i >= MAX_CHECKPOINT_ENTRIES:  # a folder of millions of entries is not a trainer's
+                break
             m = _STEP_RE.match(p.name)
             if m and m.group(2) == "safetensors" and is_regular_file(p):
                 steps.add(int(m.group(1)))

@@ -183,7 +183,7 @@ def test_root_files_are_regular_and_bounded(tmp_path):
         rr.read_json("fifo.json")
     with open(root / "big.json", "wb") as f:  # sparse: 70 MiB of nothing
         f.truncate(70 * 2**20)
-    with pytest.raises(RootFileError, match=r"^big.json: 70.0 MiB, more than the 64.0 MiB the dashboard reads for a "
+    with pytest.raises(RootFileError, match=r"^big.json: 70.0 MiB, more than the 16.0 MiB the dashboard reads for a "
                                             r"results file \(refused\)$"):
         rr.read_json("big.json", "results file")
     (root / "latin1.json").write_bytes(b'{"caf\xe9": 1}')

@@ -198,7 +198,7 @@ def build(base: Path) -> tuple[Path, dict[str, str]]:
     expected["results_fifo"] = f"reports/results_fifo/results.json: {NOT_REGULAR}"
     with open(report("results_sparse_200mb"), "wb") as f:
         f.truncate(200 * 2**20)
-    expected["results_sparse_200mb"] = ("reports/results_sparse_200mb/results.json: 200.0 MiB, more than the 64.0 MiB "
+    expected["results_sparse_200mb"] = ("reports/results_sparse_200mb/results.json: 200.0 MiB, more than the 16.0 MiB "
                                         "the dashboard reads for a results file (refused)")
     report("results_deep").write_text("[" * 200_000 + "]" * 200_000)
     expected["results_deep"] = "reports/results_deep/results.json: nested too deeply to be analysis results"

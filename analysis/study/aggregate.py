@@ -64,6 +64,9 @@ def nested_estimate(stack: np.ndarray, seed: int, unit: str = "", per_layer: boo
     if unit:
         extra["unit"] = unit
     if per_layer and np.ndim(mean) == 1:
+        with np.errstate(all="ignore"):
+            seeds = np.nanmean(stack, axis=1)  # [S, layers]
+        extra["per_seed_per_layer"] = [[_num(v) for v in row] for row in seeds]
         return Estimate(_num(mean[-1]), _ci(lo[-1], hi[-1]), [_num(v) for v in mean],
                         [_ci(a, b) for a, b in zip(lo, hi)], extra)
     return Estimate(_num(mean), _ci(lo, hi), extra=extra)
@@ -119,7 +122,7 @@ def _load(planned: list[PlannedRun]) -> dict[str, _Seeds]:
         s.seeds.append(run.seed)
         s.results.append(res)
         s.per_image.append(per_image)
-        s.folders.append(str(run.folder))
+        s.folders.append(f"runs/{run.folder.name}")  # relative to the study folder: it may move
     return by_label
 
 
@@ -175,7 +178,7 @@ def aggregate(planned: list[PlannedRun], seed: int = 0) -> Results:
     res = Results(data=any_res.data, n_images=any_res.n_images, seed=any_res.seed, reference=ref)
     for label, s in groups.items():
         c = configs[label]
-        res.runs[label] = RunResult(label, path=str(Path(s.folders[0]).parent), family=c.family, model=label,
+        res.runs[label] = RunResult(label, path="runs", family=c.family, model=label,
                                     role="configuration", config={"family": c.family, **c.overrides()},
                                     metrics=_metrics(s, seed), extra={"seeds": s.seeds, "run_folders": s.folders})
     for label, s in groups.items():

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from rmae.errors import UserError
-from rmae.io import atomic_write_json, atomic_write_text
+from rmae.io import atomic_write_json, atomic_write_text, read_text
 from rmae.runfolder import RunFolder
 from rmae.settings import ConfigError, setting
 
@@ -100,7 +100,7 @@ def _analysis_current(run: PlannedRun, settings: dict[str, Any]) -> bool:
     try:
         weights = RunFolder(run.folder).weights_path()
         current = {**settings, "weights": str(weights), "mtime": weights.stat().st_mtime_ns}
-        return json.loads(stamp.read_text()) == json.loads(json.dumps(current))  # tuples as JSON lists
+        return json.loads(read_text(stamp, 1 << 20)) == json.loads(json.dumps(current))  # tuples as JSON lists
     except (UserError, OSError, ValueError):
         return False
 
@@ -131,7 +131,7 @@ def run_study(preset: str, out: str | Path, cfg: StudyConfig, grid_words: list[s
     record = {"preset": preset, "families": list(cfg.families), "grid": grid, "overrides": overrides}
     study_file = root / STUDY_FILE
     if study_file.is_file():
-        old = json.loads(study_file.read_text())
+        old = json.loads(read_text(study_file, 1 << 20))
         diff = [k for k in record if old.get(k) != json.loads(json.dumps(record[k]))]
         if diff:
             raise ConfigError(f"{root} holds a study with other {', '.join(diff)} ({', '.join(f'{k}={old.get(k)}' for k in diff)}); "
