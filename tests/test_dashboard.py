@@ -138,6 +138,7 @@ def runs_root(tmp_path_factory) -> Path:
     _train(root / "mae", "mae_vit_tiny_patch8", cache)
     _train(root / "rmae", "rmae_vit_tiny_patch8", cache)
     (root / "broken").mkdir()
+    (root / "broken" / ".rmae-run").write_text("{}")  # an rmae run whose config.yaml was damaged
     (root / "broken" / "config.yaml").write_text("model_config: {family: rmae\n  img_size: [32, oops\n")
     (root / "foreign" / "checkpoints").mkdir(parents=True)
     (root / "foreign" / "checkpoints" / "step_000001.safetensors").write_bytes(b"\x00not a checkpoint" * 8)

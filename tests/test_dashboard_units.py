@@ -67,7 +67,10 @@ def test_discovery(tmp_path):
     (root / "sneaky" / "checkpoints").mkdir(parents=True)
     (root / "sneaky" / "checkpoints" / "step_000001.safetensors").symlink_to(tmp_path / "outside" / "model.safetensors")
     (root / "bad").mkdir()
+    (root / "bad" / ".rmae-run").write_text("{}")  # an rmae run whose config.yaml was damaged
     (root / "bad" / "config.yaml").write_text("a: [1,\n")
+    (root / "users").mkdir()
+    (root / "users" / "config.yaml").write_text("a: 1\n")  # a user's own config: not a run
     (root / "pics" / "sub").mkdir(parents=True)
     (root / "pics" / "x.png").write_bytes(I.png_bytes(np.zeros((4, 4, 3), np.uint8)))
     (root / "pics" / "notes.txt").write_text("hi")

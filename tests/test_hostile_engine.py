@@ -158,7 +158,10 @@ def contested_run(tmp_path_factory) -> dict:
                   _rmae("pretrain", "--resume", "run", "--no-progress", cwd=tmp)]
         competitors = [(p.communicate(timeout=120)[1], p.returncode) for p in others]
         still_training = first.poll() is None
-        workers = _children(first.pid)
+        # workers are made per epoch (not persistent): wait for a moment when both are up
+        deadline = time.monotonic() + 60
+        while len(workers := _children(first.pid)) < 2 and time.monotonic() < deadline and first.poll() is None:
+            time.sleep(0.05)
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.communicate(timeout=30)

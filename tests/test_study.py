@@ -92,7 +92,7 @@ def test_a_killed_study_resumes_without_retraining_finished_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     first = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").glob("*-s0/checkpoints/*.safetensors")}
     assert len(first) == 2
-    r = _study(tmp_path)  # --seeds 2 again (the _study default)
+    r = _study(tmp_path, "analyze=false")  # --seeds 2 now (the _study default)
     assert r.returncode == 0, r.stderr
     assert {p: p.stat().st_mtime_ns for p in first} == first
     assert len(list((tmp_path / "s" / "runs").glob("*-s1/checkpoints/*.safetensors"))) == 2
