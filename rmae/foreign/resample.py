@@ -23,7 +23,8 @@ BEiT's relative position bias tables follow ``rel_pos: beit``: the geometric-pro
 resampling of BEiT's ``run_class_finetuning.py`` (cubic spline through the table on
 geometrically spaced offsets). The original calls ``scipy.interpolate.interp2d(kind="cubic")``,
 removed in SciPy 1.14; on a rectangular grid that is FITPACK's ``regrid_smth`` with ``s=0`` —
-exactly what ``RectBivariateSpline(kx=3, ky=3, s=0)`` fits — which is used here.
+exactly what ``RectBivariateSpline(kx=3, ky=3, s=0)`` fits — which is used here. Both evaluate
+through FITPACK's ``bispev``, which clamps offsets just outside the geometric range to its ends.
 """
 
 from __future__ import annotations
