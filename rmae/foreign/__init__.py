@@ -74,9 +74,9 @@ def from_object(obj: Any, meta: dict[str, str], path: Path, overrides: dict[str,
         arch = TimmArch.from_config(doc.get("kind") if isinstance(doc, dict) else None, doc, f"{path} metadata")
         if options.arch is not None:
             arch.timm = options.arch
-        return Imported(arch, dict(found.state_dict), [], f"{NAMES.get(arch.kind, arch.kind)} ({found.how})")
+        return Imported(arch, dict(found.state_dict), [], f"{NAMES.get(arch.kind, arch.kind)} ({found.how})", str(path))
     imported = _converter(found.kind)(found, options, path)
-    imported.how = found.how
+    imported.how, imported.source = found.how, str(path)
     return imported
 
 
@@ -97,7 +97,7 @@ def load_run(run: RunFolder, overrides: dict[str, Any]) -> nn.Module:
     arch = TimmArch.from_config(cfg.get("source_kind"), cfg.get("arch"), str(run.config_path))
     weights = run.weights_path()
     sd, _, _ = read_checkpoint(weights)
-    model = build(Imported(arch, sd, [], NAMES.get(arch.kind, arch.kind)), size)
+    model = build(Imported(arch, sd, [], NAMES.get(arch.kind, arch.kind), str(weights)), size)
     model.source = str(weights)
     return model
 

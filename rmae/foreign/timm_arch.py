@@ -86,6 +86,7 @@ class Imported:
     state_dict: dict[str, torch.Tensor]
     notes: list[str] = field(default_factory=list)  # what the conversion dropped, for the import summary
     how: str = ""  # what the file was recognised as, e.g. "DINO training checkpoint (teacher)"
+    source: str = ""  # the file the weights came from (named in errors)
 
 
 def _pair(x: Any) -> tuple[int, int]:
@@ -184,8 +185,9 @@ def build(imported: Imported, img_size: Any = None) -> nn.Module:
     """
     arch = imported.arch
     size = _pair(img_size) if img_size is not None else arch.img_size
+    where = f"{imported.source}: " if imported.source else ""
     if size[0] % arch.patch or size[1] % arch.patch:
-        raise CheckpointError(f"img_size {size} is not a multiple of the patch size {arch.patch} of this "
+        raise CheckpointError(f"{where}img_size {size} is not a multiple of the patch size {arch.patch} of this "
                               f"{arch.kind} encoder; choose e.g. img_size={max(1, size[0] // arch.patch) * arch.patch}")
     sd = resample.to_size(imported.state_dict, arch.resample, arch.native_size, size, arch.patch)
     with torch.device("cpu"):
@@ -200,7 +202,7 @@ def build(imported: Imported, img_size: Any = None) -> nn.Module:
               for k in sorted(set(sd) & set(own)) if sd[k].shape != own[k].shape]
     if missing or unexpected or shapes:
         raise CheckpointError(
-            f"the {arch.kind} weights do not fit timm's {arch.timm}({_plain(arch.kwargs)}): "
+            f"{where}the {arch.kind} weights do not fit timm's {arch.timm}({_plain(arch.kwargs)}): "
             + "; ".join(filter(None, [f"missing {missing[:6]}" if missing else "",
                                       f"unexpected {unexpected[:6]}" if unexpected else "", *shapes[:4]]))
             + " — pass arch=TIMM_NAME (and num_heads=N) of the architecture these weights belong to")
