@@ -191,6 +191,9 @@ examples:
   rmae export runs/demo-rmae --format timm --out encoder.safetensors
       then: vit = timm.create_model(NAME, **KWARGS); vit.load_state_dict(load_file(...), strict=True)
   rmae export runs/demo-rmae --format safetensors --out rmae_demo.safetensors
+
+A run of a foreign encoder (DINO, DINOv2, BEiT, … imported by `rmae import`) exports its timm
+state dict as it is, with the timm name and keywords in the file (either format).
 """)
     p.add_argument("run")
     p.add_argument("--format", choices=["timm", "safetensors"], default="timm")

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import foreign_layouts as L
+import numpy as np
 import pytest
 import timm
 import torch
@@ -56,12 +57,15 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def runs(files, tmp_path_factory) -> dict[str, Path]:
     """Runs made by the `rmae import` / `rmae export` commands (one interpreter for all)."""
     root = tmp_path_factory.mktemp("foreign-runs")
-    r = {"dinov2": root / "dinov2-reg4", "dinov2_56": root / "dinov2-reg4-56", "reimported": root / "reimported"}
+    r = {"dinov2": root / "dinov2-reg4", "dinov2_56": root / "dinov2-reg4-56", "reimported": root / "reimported",
+         "by_arch": root / "by-arch"}
     exported = root / "dinov2_reg4_timm.safetensors"
     argvs = [["import", str(files["dinov2"]), "--out", str(r["dinov2"]), f"num_heads={HEADS}"],
              ["import", str(files["dinov2"]), "--out", str(r["dinov2_56"]), f"num_heads={HEADS}", "img_size=56"],
              ["export", str(r["dinov2"]), "--format", "timm", "--out", str(exported)],
-             ["import", str(exported), "--out", str(r["reimported"])]]
+             ["import", str(exported), "--out", str(r["reimported"])],
+             ["import", str(files["layerscale"]), "--out", str(r["by_arch"]), "arch=vit_small_patch16_224",
+              f"num_heads={HEADS}"]]
     for argv, (rc, out, err) in zip(argvs, L.run_commands(argvs, PY, subprocess_env(root))):
         assert rc == 0, (argv, err)
     r["exported"] = exported
@@ -119,6 +123,18 @@ def test_export_is_timm_loadable_and_reimports_to_the_same_encoder(runs):
                        _features(rmae.load_model(runs["dinov2"], img_size=28), 28)[0])
 
 
+def test_arch_imports_a_timm_layout_no_signature_names(runs, files):
+    """A ViT with LayerScale but no project's signature is refused (see above) unless arch= names it."""
+    model = rmae.load_model(runs["by_arch"])
+    cfg = yaml.safe_load((runs["by_arch"] / "config.yaml").read_text())
+    assert model.source_kind == "timm" and cfg["arch"]["timm"] == "vit_small_patch16_224"
+    assert cfg["arch"]["resample"] == {"pos_embed": "timm"}
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=D, depth=2,
+                            num_heads=HEADS, init_values=1.0, num_classes=0).eval()
+    vit.load_state_dict(torch.load(files["layerscale"]), strict=True)
+    assert torch.equal(_features(model, 32)[0], _features(vit, 32)[0])
+
+
 def test_image_size_at_import_or_at_load_is_the_same_encoder(runs, files):
     cfg = yaml.safe_load((runs["dinov2_56"] / "config.yaml").read_text())
     assert cfg["arch"]["img_size"] == [56, 56] and cfg["arch"]["kwargs"]["img_size"] == 42  # weights stay native
@@ -146,6 +162,28 @@ def test_run_identity_and_feature_cache_follow_the_recorded_architecture(runs, t
     assert RunFolder(copy).digest() != RunFolder(runs["dinov2"]).digest()
     w = resolve_run(copy)
     assert (w.depth, w.image_size, w.digest) == (2, 56, RunFolder(copy).digest())
+
+
+def test_analyze_dinov2_with_registers_beside_mae_at_one_size(runs, tmp_path):
+    """Patch 14 and patch 8 at 56²: every metric per run on its own grid, paired differences, and
+    layer CKA over each image's mean patch token (token CKA needs one grid)."""
+    from analysis import metrics as M
+    from analysis.analyze import AnalyzeConfig, analyze
+    from rmae.data import evaluation_loader
+
+    mae = make_run(tmp_path / "mae", name="mae_vit_tiny_patch8", img_size=56)
+    res = analyze([mae, runs["dinov2_56"]], AnalyzeConfig(data="scenes:val:8", probes=(), batch_size=8), progress=False)
+    other = runs["dinov2_56"].name
+    assert res.reference == "mae" and res.runs[other].family == "dinov2"
+    diff = res.differences[f"{other} − mae"]
+    assert {"attention_distance", "instance_mass", "cls_jaccard", "corloc"} <= set(diff)
+    cka = res.cka[other]
+    models = [rmae.load_model(p) for p in (mae, runs["dinov2_56"])]
+    loader = evaluation_loader("scenes:val:8", 56, batch_size=8, seed=0, limit=128)
+    assert cka["tokens"] == "mean"
+    assert np.allclose(cka["matrix"], M.layer_cka(*models, loader, tokens="mean").numpy())
+    with pytest.raises(ValueError, match="different patch grids"):
+        M.layer_cka(*models, loader, tokens="patch")
 
 
 def test_hugging_face_folder_imports_as_it_was_saved(tmp_path):
