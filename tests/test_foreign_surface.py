@@ -135,6 +135,16 @@ def test_arch_imports_a_timm_layout_no_signature_names(runs, files):
     assert torch.equal(_features(model, 32)[0], _features(vit, 32)[0])
 
 
+def test_half_precision_weights_run_in_float32(files, tmp_path):
+    sd = torch.load(files["dinov2"])
+    torch.save({k: v.half() for k, v in sd.items()}, tmp_path / "half.pth")
+    model = rmae.load_model(tmp_path / "half.pth", num_heads=HEADS)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    widened = tmp_path / "widened.pth"
+    torch.save({k: v.half().float() for k, v in sd.items()}, widened)
+    assert torch.equal(_features(model, 42)[0], _features(rmae.load_model(widened, num_heads=HEADS), 42)[0])
+
+
 def test_image_size_at_import_or_at_load_is_the_same_encoder(runs, files):
     cfg = yaml.safe_load((runs["dinov2_56"] / "config.yaml").read_text())
     assert cfg["arch"]["img_size"] == [56, 56] and cfg["arch"]["kwargs"]["img_size"] == 42  # weights stay native

@@ -63,14 +63,19 @@ def from_object(obj: Any, meta: dict[str, str], path: Path, overrides: dict[str,
             if getattr(options, key) is not None:
                 raise CheckpointError(f"{path}: {key} applies to DINOv2 files; this file is not one")
         return None
-    foreign_only = sorted(set(overrides) - set(OPTION_KEYS))
-    if foreign_only:
-        raise CheckpointError(f"{path}: a {found.how}, imported as a timm architecture: {', '.join(foreign_only)} "
+    # half-precision files run — and convert: DINOv2's cls token takes its position — in float32
+    found.state_dict = {k: v.float() if v.is_floating_point() else v for k, v in found.state_dict.items()}
+    model_keywords = sorted(set(overrides) - set(OPTION_KEYS))  # rmae's own model keywords
+    if model_keywords:
+        raise CheckpointError(f"{path}: a {found.how}, imported as a timm architecture: {', '.join(model_keywords)} "
                               f"do not apply to it (its settings: {', '.join(OPTION_KEYS)})")
     if found.kind != "dinov2" and (options.interpolate_offset is not None or options.interpolate_antialias is not None):
         raise CheckpointError(f"{path}: interpolate_offset / interpolate_antialias apply to DINOv2; this is a {found.how}")
     if "arch" in found.extra:  # an `rmae export` of a foreign run: the architecture is in its metadata
-        doc = json.loads(found.extra["arch"])
+        try:
+            doc = json.loads(found.extra["arch"])
+        except ValueError:
+            doc = None  # from_config names the problem
         arch = TimmArch.from_config(doc.get("kind") if isinstance(doc, dict) else None, doc, f"{path} metadata")
         if options.arch is not None:
             arch.timm = options.arch

@@ -181,7 +181,8 @@ def build(imported: Imported, img_size: Any = None) -> nn.Module:
     """The timm model of ``imported`` at ``img_size`` (default: the arch's), eval mode, on the CPU.
 
     Weights are assigned, not copied: parameters share storage with ``imported.state_dict``
-    except the resampled position tables.
+    (float32: :func:`rmae.foreign.from_object` widens half-precision files) except the
+    resampled position tables.
     """
     arch = imported.arch
     size = _pair(img_size) if img_size is not None else arch.img_size
