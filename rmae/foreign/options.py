@@ -24,7 +24,8 @@ class ImportOptions:
               "(default: the size they were trained at)", low=1)
     num_heads: int | None = setting(None, "attention heads, for widths whose convention is unknown", low=1)
     arch: str | None = setting(None, "timm architecture to build the weights as (default: chosen from the weights)")
-    source: str | None = setting(None, "what the file is, when its content cannot tell", choices=KINDS)
+    source: str | None = setting(None, f"what the file is, when its content cannot tell: {', '.join(KINDS)}",
+                                 choices=KINDS)
     checkpoint_key: str | None = setting(
         None, "part of a training checkpoint: teacher (default) or student for DINO / iBOT / DINOv2, "
               "base_encoder (default) or momentum_encoder for MoCo v3")
