@@ -198,7 +198,8 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
     sizes = {n: i.input_size for n, i in infos.items()}
     if len(set(sizes.values())) > 1:
         raise AnalysisError(f"runs were trained at different image sizes {sizes}; compare runs of one resolution "
-                            "(the same images must be shown to every model)")
+                            "(the same images must be shown to every model) — a foreign encoder (DINO, DINOv2, …) "
+                            "runs at any size: rmae import FILE --out RUN img_size=N")
     hw = next(iter(sizes.values()))
     ref = next((n for n, i in infos.items() if i.family == "mae"), next(iter(models)))
     loader = evaluation_loader(cfg.data, hw, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
@@ -249,9 +250,10 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
     if cfg.cka and len(models) > 1:
         cka_loader = evaluation_loader(cfg.data, hw, batch_size=cfg.batch_size, seed=cfg.seed, limit=128)
         for name in models:
-            if name != ref:
-                mat = M.layer_cka(models[ref], models[name], cka_loader)
-                res.cka[name] = {"a": ref, "b": name, "matrix": mat.tolist()}
+            if name != ref:  # token CKA needs one patch grid; across grids (patch 14 vs 16) each image's mean patch
+                tokens = "patch" if infos[name].grid == infos[ref].grid else "mean"
+                mat = M.layer_cka(models[ref], models[name], cka_loader, tokens=tokens)
+                res.cka[name] = {"a": ref, "b": name, "matrix": mat.tolist(), "tokens": tokens}
     res.meta.update(seconds=round(time.time() - t0, 1), skipped=skipped, device=str(device), precision=cfg.precision)
     if out is not None:
         from .report import write_report

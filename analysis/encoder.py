@@ -70,7 +70,7 @@ def has_cls_token(model: nn.Module) -> bool:
 class EncoderInfo:
     """What an analysis needs to know about an encoder, read from the surface."""
 
-    family: str  # mae | rae | rmae for ours; "vit" (or the recorded family) for a timm ViT
+    family: str  # mae | rae | rmae for ours; source_kind (dino, dinov2, …) for a foreign encoder; else "vit"
     name: str
     input_size: tuple[int, int]
     patch_size: int
@@ -87,7 +87,9 @@ class EncoderInfo:
 
 def describe(model: nn.Module) -> EncoderInfo:
     cfg = getattr(model, "config", None)
-    family = getattr(cfg, "family", None) or getattr(model, "family", None) or "vit"
+    # ours: the config's family; a foreign encoder (rmae.foreign): the project it came from (dinov2…)
+    family = getattr(cfg, "family", None) or getattr(model, "family", None) or getattr(model, "source_kind", None) \
+        or "vit"
     name = getattr(cfg, "name", None) or getattr(model, "default_cfg", {}).get("architecture") \
         or getattr(model, "source_kind", None) or family
     return EncoderInfo(
@@ -188,6 +190,13 @@ def _recompute_weights(attn_mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return ((q * attn_mod.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
 
 
+def _biased_qkv(attn_mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``qkv [B, N, 3·D]`` of a BEiT-style attention (separate ``q_bias`` / ``v_bias``, none on k),
+    which never calls its ``qkv`` module."""
+    bias = torch.cat([attn_mod.q_bias, torch.zeros_like(attn_mod.v_bias), attn_mod.v_bias])
+    return torch.nn.functional.linear(x, attn_mod.qkv.weight, bias)
+
+
 @contextlib.contextmanager
 def recording(model: nn.Module, layers: Iterable[int] | None = None, keys: bool = False) -> Iterator[Recording]:
     """Within the block, one forward pass of ``model`` fills a :class:`Recording` of the chosen
@@ -215,7 +224,11 @@ def recording(model: nn.Module, layers: Iterable[int] | None = None, keys: bool 
                     k = k_norm(k)  # normalises head_dim, as timm's [B, heads, N, head_dim] layout
                 key_maps[i] = k.reshape(B, N, -1)
 
-            handles.append(attn.qkv.register_forward_hook(hook))
+            if getattr(attn, "q_bias", None) is not None:  # BEiT-style: qkv weight applied by F.linear with q/v biases
+                handles.append(attn.register_forward_pre_hook(
+                    lambda mod, args, hook=hook: hook(None, None, _biased_qkv(mod, args[0]))))
+            else:
+                handles.append(attn.qkv.register_forward_hook(hook))
     try:
         with explicit_attention([model.blocks[i] for i in hookable]) as store:
             yield rec

@@ -37,7 +37,7 @@ from rmae.device import resolve_device
 from rmae.io import read_text
 from rmae.runfolder import RunFolder
 
-from .encoder import load_encoder
+from .encoder import describe, load_encoder
 from .features import (
     FEATURES_VERSION,
     Arrays,
@@ -117,11 +117,9 @@ def resolve_run(run: PathLike) -> RunWeights:
     # rmae.load_model builds from the folder's model_config when there is one, else the file's.
     cfg = model_config if isinstance(model_config, dict) else header
     depth, size = cfg.get("depth", depth_from_keys), cfg.get("img_size")
-    if depth is None or size is None:  # a foreign file format: building the model is the only way
-        from rmae import load_model
-
-        mc = load_model(run).config
-        depth, size = mc.depth, mc.img_size
+    if depth is None or size is None:  # a foreign file format or encoder: building the model is the only way
+        info = describe(load_encoder(run))
+        depth, size = info.depth, info.input_size
     size = max(size) if isinstance(size, (list, tuple)) else size
     return RunWeights(run=run, path=weights, digest=digest, depth=int(depth), image_size=int(size))
 

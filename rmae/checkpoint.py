@@ -10,7 +10,9 @@ Our format: a ``.safetensors`` file of weights whose metadata carries the full m
   (``mae_pretrain_*``), or a training ``checkpoint-N.pth`` with ``args`` (argparse.Namespace);
 - an official R-MAE ``model_<update>.ckpt`` (``config`` dict beside the weights) or its bare
   final ``.pth`` state dict, keys possibly prefixed ``module.``;
-- a timm ViT state dict (``.pth``/``.bin``/``.safetensors``).
+- a timm ViT state dict (``.pth``/``.bin``/``.safetensors``);
+- foreign encoders — DINO, DINOv2, iBOT, MoCo v3, DeiT, BEiT, MAE fine-tuned, Hugging Face
+  ViTMAE — as timm models (:mod:`rmae.foreign`), and run folders of them.
 
 Loading never unpickles arbitrary objects: ``torch.load(weights_only=True)`` with one class
 allow-listed (``argparse.Namespace``, what MAE's trainer saves), or safetensors. A file is
@@ -40,6 +42,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .foreign.options import KINDS
 from .io import atomic_write, is_regular_file, open_regular
 from .models import MaskedAutoencoderViT, ModelConfig, build_model
 from .models.config import HEADS_BY_WIDTH, model_keywords
@@ -238,9 +241,10 @@ def _check_timm_features(sd: dict[str, torch.Tensor], path: Path) -> None:
     if "fc_norm.weight" in sd and "norm.weight" not in sd:
         unsupported.append("global-average-pool head (fc_norm instead of norm)")
     if unsupported:
-        raise CheckpointError(f"{path}: this ViT has {', '.join(unsupported)}, which MAE/R-MAE encoders do not; "
-                              f"only plain cls-token ViTs (timm vit_*_patch*_224, MAE) can be loaded. "
-                              f"The file looks like: {describe_layout(sd)}")
+        raise CheckpointError(f"{path}: this ViT has {', '.join(unsupported)}, which MAE/R-MAE encoders do not, and "
+                              f"its content does not tell which project made it; pass source=KIND ({', '.join(KINDS)}) "
+                              f"or arch=TIMM_NAME (e.g. arch=vit_small_patch14_dinov2) to import it as a timm "
+                              f"architecture. The file looks like: {describe_layout(sd)}")
 
 
 def infer_config(sd: dict[str, torch.Tensor], path: Path, hints: dict[str, Any]) -> tuple[ModelConfig, str]:
@@ -252,6 +256,9 @@ def infer_config(sd: dict[str, torch.Tensor], path: Path, hints: dict[str, Any])
                               f"(missing {', '.join(missing)})")
     _check_shapes(sd, path)
     _check_timm_features(sd, path)
+    if "pos_embed" not in sd:
+        raise CheckpointError(f"{path}: a ViT without an absolute position embedding ({describe_layout(sd)}); pass "
+                              f"source=KIND ({', '.join(KINDS)}) or arch=TIMM_NAME to import it as a timm architecture")
     D, C, p, _ = sd["patch_embed.proj.weight"].shape
     cfg: dict[str, Any] = dict(embed_dim=D, in_chans=C, patch_size=p, depth=_count(sd, "blocks"),
                                mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / D)
@@ -330,12 +337,9 @@ def _hints_from_file(obj: Any) -> dict[str, Any]:
     return hints
 
 
-def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
-    """Read any supported file → (state dict without wrapper prefixes, config-or-hints, format).
-
-    The second item is the full saved config (a dict with a ``family`` key) for our files,
-    or hints recovered from foreign files.
-    """
+def read_object(path: str | os.PathLike) -> tuple[Any, dict[str, str], str]:
+    """Read any supported file → (what it holds, safetensors metadata, "safetensors" | "torch").
+    A safetensors file holds a state dict; a torch file whatever plain containers it pickled."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
@@ -346,6 +350,22 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     fmt = _sniff(path)
     if fmt == "safetensors":
         sd, meta = _load_safetensors(path)
+        return sd, meta, fmt
+    return _torch_load(path), {}, "torch"
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    """Read any supported file → (state dict without wrapper prefixes, config-or-hints, format).
+
+    The second item is the full saved config (a dict with a ``family`` key) for our files,
+    or hints recovered from foreign files.
+    """
+    return _interpret(*read_object(path), Path(path))
+
+
+def _interpret(obj: Any, meta: dict[str, str], fmt: str, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    if fmt == "safetensors":
+        sd = obj
         if FORMAT_KEY in meta:
             try:
                 cfg = json.loads(meta[FORMAT_KEY])
@@ -356,7 +376,6 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
                                       "damaged); re-export it, or load the weights with an explicit model")
             return _strip_prefixes(sd), cfg, "rmae"
         return _strip_prefixes(sd), {}, "safetensors"
-    obj = _torch_load(path)
     return _strip_prefixes(_find_state_dict(obj, path)), _hints_from_file(obj), "torch"
 
 
@@ -366,17 +385,41 @@ def load_model(path: str | os.PathLike, strict: bool = True, **overrides: Any) -
     ``overrides`` are model keywords the file cannot tell (``norm_pix_loss=False``,
     ``num_regions=16``, ``num_heads=…``). The returned model has ``.source`` (the file read)
     and ``.source_kind`` (what it was detected as). Raises :class:`CheckpointError`.
+
+    Foreign encoders (:mod:`rmae.foreign`: DINO, DINOv2, iBOT, MoCo v3, DeiT, BEiT, MAE
+    fine-tuned, Hugging Face ViTMAE) and run folders of them come back as timm models (eval mode,
+    CPU); their settings are :class:`rmae.foreign.ImportOptions` (``img_size``, ``arch``, …).
     """
+    from . import foreign
+
     path = Path(path)
-    bad = sorted(set(overrides) - set(model_keywords()))
+    bad = sorted(set(overrides) - set(model_keywords()) - set(foreign.OPTION_KEYS))
     if bad:
-        raise TypeError(f"unknown model keyword(s) {bad}; valid: {model_keywords()}")
+        raise TypeError(f"unknown model keyword(s) {bad}; valid: {model_keywords()} and, for foreign encoders, "
+                        f"{list(foreign.OPTION_KEYS)}")
     folder_config = None
     if path.is_dir():
         run = RunFolder(path)
+        # -- foreign encoders (rmae.foreign): a run folder recording a timm architecture ----------
+        if foreign.is_timm_run(run):
+            return foreign.load_run(run, overrides)
+        # ------------------------------------------------------------------------------------------
         folder_config = run.model_config()
         path = run.weights_path()
-    sd, info, fmt = read_checkpoint(path)
+    obj, meta, fmt = read_object(path)
+    # -- foreign encoders (rmae.foreign): DINO, DINOv2, iBOT, MoCo v3, DeiT, BEiT, HF ViTMAE, … ----
+    if folder_config is None and FORMAT_KEY not in meta:
+        imported = foreign.from_object(obj, meta, path, overrides)
+        if imported is not None:
+            model = foreign.build(imported, overrides.get("img_size"))
+            model.source = str(path)
+            return model
+    unfit = sorted(k for k in overrides if k not in model_keywords())
+    if unfit:
+        raise CheckpointError(f"{path}: {', '.join(unfit)} apply to foreign encoders; this file is rmae's own, "
+                              "an official MAE / R-MAE or a plain timm ViT (leave them out)")
+    # ------------------------------------------------------------------------------------------
+    sd, info, fmt = _interpret(obj, meta, fmt, path)
 
     if fmt == "rmae" or folder_config is not None:
         cfg_dict = dict(folder_config or info)

@@ -110,7 +110,8 @@ def _add_import(sub) -> None:
     p = sub.add_parser(
         "import", help="turn any checkpoint rmae can load into a run folder",
         description="Load a checkpoint (official MAE .pth, official R-MAE .ckpt/.pth, timm ViT state dict, "
-                    "our .safetensors), detected by content, and write it as a run folder.",
+                    "our .safetensors, or a foreign encoder: DINO, DINOv2, iBOT, MoCo v3, DeiT, BEiT, MAE "
+                    "fine-tuned, Hugging Face ViTMAE), detected by content, and write it as a run folder.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""\
 examples:
@@ -118,13 +119,26 @@ examples:
   rmae import model_144000.ckpt --out runs/rmae-official
   rmae import timm_vit_small.pth --out runs/timm-small img_size=224
   rmae import mae_visualize_vit_base.pth --out runs/mae-vis norm_pix_loss=false
+  rmae import dinov2_vits14_reg4_pretrain.pth --out runs/dinov2-reg img_size=224
+  rmae import dino_checkpoint.pth --out runs/dino-student checkpoint_key=student
+  rmae import moco_v3_vit_small.pth.tar --out runs/mocov3
+  rmae import beitv2_base_patch16_224_pt1k_ft1k.pth --out runs/beitv2 source=beit-v2
 
 key=value: model keywords the file cannot tell (norm_pix_loss, num_regions, num_heads, img_size).
-""")
+Foreign encoders become timm models; their keys:
+{keys}
+""".format(keys=_import_keys_help()))
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True, help="run folder to create")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_import)
+
+
+def _import_keys_help() -> str:
+    from .foreign.options import ImportOptions
+    from .settings import keys_help
+
+    return keys_help(ImportOptions)
 
 
 def _import(args) -> int:
@@ -144,11 +158,27 @@ def _import(args) -> int:
         from .settings import ConfigError
 
         raise ConfigError(str(e)) from None
+    foreign = getattr(model, "timm_arch", None)  # a foreign encoder held by timm (rmae.foreign)
     with run.lock():
         run.create("import")
-        run.write_config({"imported_from": str(Path(args.checkpoint).resolve()), "source_kind": model.source_kind},
-                         model.config.to_dict())
-        save_model(model, run.model_path, metadata={"imported_from": str(args.checkpoint)})
+        if foreign is not None:
+            from .foreign import save_run
+
+            save_run(run, model, args.checkpoint)
+        else:
+            run.write_config({"imported_from": str(Path(args.checkpoint).resolve()), "source_kind": model.source_kind},
+                             model.config.to_dict())
+            save_model(model, run.model_path, metadata={"imported_from": str(args.checkpoint)})
+    if foreign is not None:
+        attn = model.blocks[0].attn
+        print(f"{args.checkpoint}: {model.imported.how}")
+        print(f"  → {run.root}: {foreign.kind} as timm {foreign.timm}, width {model.embed_dim}, depth {len(model.blocks)}, "
+              f"{attn.num_heads} heads, patch {foreign.patch}, {model.num_prefix_tokens} prefix token(s), image "
+              f"{foreign.img_size[0]}×{foreign.img_size[1]} (trained at {foreign.native_size[0]}; positions follow "
+              f"the {foreign.resample.get('pos_embed')} rule)")
+        for note in model.imported.notes:
+            print(f"  {note}")
+        return 0
     c = model.config
     print(f"{args.checkpoint}: {model.source_kind}")
     print(f"  → {run.root}: {c.family} ViT width {c.embed_dim}, depth {c.depth}, patch {c.patch_size}, "
@@ -167,6 +197,9 @@ examples:
   rmae export runs/demo-rmae --format timm --out encoder.safetensors
       then: vit = timm.create_model(NAME, **KWARGS); vit.load_state_dict(load_file(...), strict=True)
   rmae export runs/demo-rmae --format safetensors --out rmae_demo.safetensors
+
+A run of a foreign encoder (DINO, DINOv2, BEiT, … imported by `rmae import`) exports its timm
+state dict as it is, with the timm name and keywords in the file (either format).
 """)
     p.add_argument("run")
     p.add_argument("--format", choices=["timm", "safetensors"], default="timm")
@@ -187,6 +220,12 @@ def _export(args) -> int:
     if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
         raise OutputPathError(f"{args.out}: is inside the run folder {src}; write the export outside it")
     model = load_model(args.run)
+    if getattr(model, "timm_arch", None) is not None:  # a foreign encoder: its timm state dict as it is
+        from .foreign import export
+
+        name, kwargs = export(model, args.out)
+        print(f"wrote {args.out}: timm.create_model({name!r}, **{json.dumps(kwargs)}); rmae.load_model reads it too")
+        return 0
     if args.format == "timm":
         name, kwargs = export_timm(model, args.out)
         print(f"wrote {args.out}: timm.create_model({name!r}, **{json.dumps(kwargs)})")

@@ -316,11 +316,14 @@ class RunFolder:
 
     def digest(self) -> str:
         """Identity of what the run's model computes: SHA-256 over the weights file's bytes and
-        the folder's ``model_config`` (which wins over the file's own config when both exist)."""
+        the folder's ``model_config`` (which wins over the file's own config when both exist) —
+        or, for a foreign encoder, its recorded timm ``arch`` (size and resampling rule included)."""
         h = hashlib.sha256(file_digest(self.weights_path()).encode())
         mc = self.model_config()
         if mc is not None:
             h.update(json.dumps(mc, sort_keys=True, default=str).encode())
+        elif self.config_path.exists() and (arch := self.read_config().get("arch")) is not None:
+            h.update(json.dumps(arch, sort_keys=True, default=str).encode())
         return h.hexdigest()
 
     # -- checkpoints (the trainer's) -----------------------------------------------------------
