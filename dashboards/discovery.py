@@ -167,8 +167,11 @@ def _entry(root: RunsRoot, path: Path) -> RunEntry:
             elif mc is not None:
                 raise RunFolderError(f"{entry.name}/config.yaml: model_config must be a mapping, got "
                                      f"{type(mc).__name__}")
-            else:
+            else:  # an imported foreign encoder (rmae.foreign): a timm architecture and its source
                 entry.model = cfg.get("model")
+                entry.family = cfg.get("source_kind")
+                arch = cfg.get("arch")
+                entry.img_size = arch.get("img_size") if isinstance(arch, dict) else None
         root.weights(run)
     except UserError as e:
         entry.problem = root.relativize(str(e))

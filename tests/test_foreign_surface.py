@@ -243,9 +243,6 @@ def test_dashboard_attention_explorer_shows_dinov2_registers_beside_mae(dashboar
     assert [i.proto.imgs[0].url for i in at.get("image")] != urls
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="dashboards/views/attention.py _instance_summary formats None (TypeError on the page) when "
-                          "one run's query patch is on an instance and another's — a different grid — on background")
 def test_dashboard_instance_summary_with_runs_of_different_grids(dashboard):
     at = dashboard  # the default image is a scene with instances; its centre is background in one grid only
     assert not at.exception, at.exception[0].message

@@ -77,9 +77,14 @@ def _instance_summary(rows: list[dict]) -> None:
         st.info("The query patch lies on background (instance 0): instance-awareness is defined for queries "
                 "inside an object. Click on an object.")
     else:
-        best = max(rows, key=lambda r: r["instance mass"] or 0.0)
-        st.markdown("\n".join(f"- **{r['run']}**: instance mass {r['instance mass']:.3f}, leak {r['leak']:.3f}, "
-                              f"background {r['background']:.3f}, Jaccard {r['Jaccard (60 %)']:.3f}" for r in rows))
+        # runs with different grids query different patches under the same point: one may land on
+        # an object and another on background, where the instance terms are undefined
+        on = [r for r in rows if r["instance mass"] is not None]
+        best = max(on, key=lambda r: r["instance mass"])
+        st.markdown("\n".join(
+            f"- **{r['run']}**: instance mass {r['instance mass']:.3f}, leak {r['leak']:.3f}, "
+            f"background {r['background']:.3f}, Jaccard {r['Jaccard (60 %)']:.3f}" if r["instance mass"] is not None
+            else f"- **{r['run']}**: its query patch lies on background (its grid differs): not defined" for r in rows))
         if len(rows) > 1:
             st.caption(f"Highest mass on the query's own instance: {best['run']}. Mass + leak + background = 1 "
                        "over patch keys (prefix keys are left out and each row renormalised, as in analysis.metrics); "
