@@ -10,6 +10,11 @@ interactive segmentation for runs with a region decoder; linear / k-NN / attenti
 layer × layer CKA against the reference run. Whatever the data cannot support is skipped and named,
 with the reason, in ``results.meta["skipped"]`` — the rest is still computed.
 
+Every model sees the same images, each resized to the model's own input size (ground-truth masks
+resized alike, nearest neighbour; ``scenes`` are generated once at the largest size), so runs of
+different resolutions or patch sizes (an imported DINOv2/14 beside an MAE/16) are compared image by
+image; CKA, which needs the same inputs, is computed between runs of one input size only.
+
 Intervals: bootstrap over images (one checkpoint per run), Wilson for probe accuracies.
 ``differences`` are each run minus the reference, paired over the same images; they describe
 these checkpoints (``"scope": "checkpoint"``) — a statement about a *method* needs seeds
@@ -33,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rmae.data import evaluation_loader, parse_data_spec
+from rmae.data import build_dataset, evaluation_loader, parse_data_spec
 from rmae.device import resolve_device
 from rmae.errors import UserError
 from rmae.settings import replace, setting
@@ -196,14 +201,14 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
     models = {n: load_encoder(p, device) for n, p in paths.items()}
     infos = {n: describe(m) for n, m in models.items()}
     sizes = {n: i.input_size for n, i in infos.items()}
-    if len(set(sizes.values())) > 1:
-        raise AnalysisError(f"runs were trained at different image sizes {sizes}; compare runs of one resolution "
-                            "(the same images must be shown to every model) — a foreign encoder (DINO, DINOv2, …) "
-                            "runs at any size: rmae import FILE --out RUN img_size=N")
-    hw = next(iter(sizes.values()))
     ref = next((n for n, i in infos.items() if i.family == "mae"), next(iter(models)))
-    loader = evaluation_loader(cfg.data, hw, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
-    has_instances = bool(getattr(loader.dataset.base, "has_instances", False))
+    # The same images for every model, each resized to the model's own input size (masks alike,
+    # nearest neighbour): one raw dataset, one loader per input size.
+    base = build_dataset(cfg.data, image_size=max(max(hw) for hw in sizes.values()), seed=cfg.seed)
+    loaders = {hw: evaluation_loader(base, hw, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
+               for hw in dict.fromkeys(sizes.values())}
+    loader = loaders[sizes[ref]]
+    has_instances = bool(getattr(base, "has_instances", False))
     skipped: dict[str, str] = {}
 
     from .figures import OverlayMaterial
@@ -216,8 +221,12 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
         if not has_instances:
             controls.pop("control:oracle")
     overlay = OverlayMaterial()
-    per_image = attention_metrics({**models, **controls}, loader, precision=cfg.precision, progress=progress,
-                                  on_batch=lambda name, *a: None if name in controls else overlay.take(name, *a))
+    per_image: dict[str, dict[str, np.ndarray]] = {}
+    for hw, group_loader in loaders.items():
+        group = {n: m for n, m in models.items() if sizes[n] == hw}
+        group.update(controls if hw == sizes[ref] else {})
+        per_image.update(attention_metrics(group, group_loader, precision=cfg.precision, progress=progress,
+                                           on_batch=lambda name, *a: None if name in controls else overlay.take(name, *a)))
     if not has_instances:
         for key in ("instance_mass", "instance_leak", "instance_jaccard", "instance_selectivity", "cls_jaccard", "corloc",
                     "interactive_iou"):
@@ -242,18 +251,28 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
 
     region_models = {n: m for n, m in models.items() if infos[n].has_region_decoder}
     if cfg.clicks and has_instances and region_models:
-        _interactive(res, region_models, loader, cfg, device)
+        for hw, group_loader in loaders.items():
+            group = {n: m for n, m in region_models.items() if sizes[n] == hw}
+            if group:  # several sizes: each size's baselines under their own name
+                _interactive(res, group, group_loader, cfg, device, suffix=f"@{hw[0]}x{hw[1]}" if len(loaders) > 1 else "")
     elif cfg.clicks and has_instances:
         skipped["interactive_iou"] = "no run has a region decoder (rae_* / rmae_*)"
     if cfg.probes:
         _probes(res, paths, cfg, skipped, progress)
     if cfg.cka and len(models) > 1:
-        cka_loader = evaluation_loader(cfg.data, hw, batch_size=cfg.batch_size, seed=cfg.seed, limit=128)
         for name in models:
-            if name != ref:  # token CKA needs one patch grid; across grids (patch 14 vs 16) each image's mean patch
-                tokens = "patch" if infos[name].grid == infos[ref].grid else "mean"
-                mat = M.layer_cka(models[ref], models[name], cka_loader, tokens=tokens)
-                res.cka[name] = {"a": ref, "b": name, "matrix": mat.tolist(), "tokens": tokens}
+            if name == ref:
+                continue
+            if sizes[name] != sizes[ref]:
+                skipped[f"cka ({name})"] = f"{name} takes {sizes[name]} images, {ref} {sizes[ref]}: CKA compares " \
+                                           "representations of the same inputs"
+                continue
+            cka_loader = evaluation_loader(base, sizes[ref], batch_size=cfg.batch_size, seed=cfg.seed, limit=128)
+            # token CKA needs one patch grid; across grids (patch 14 vs 16) each image's mean patch
+            tokens = "patch" if infos[name].grid == infos[ref].grid else "mean"
+            mat = M.layer_cka(models[ref], models[name], cka_loader, tokens=tokens)
+            res.cka[name] = {"a": ref, "b": name, "matrix": mat.tolist(), "tokens": tokens}
+    res.meta["input_sizes"] = {n: list(hw) for n, hw in sizes.items()}
     res.meta.update(seconds=round(time.time() - t0, 1), skipped=skipped, device=str(device), precision=cfg.precision)
     if out is not None:
         from .report import write_report
@@ -263,15 +282,15 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
 
 
 def _interactive(res: Results, models: dict[str, torch.nn.Module], loader, cfg: AnalyzeConfig,
-                 device: torch.device) -> None:
+                 device: torch.device, suffix: str = "") -> None:
     """IoU vs clicks on one fixed set of pairs; each run's gain over the strongest baseline (given
     exactly its information) at each click count, paired over the pairs."""
     from .interactive import interactive_curve
 
     n = len(loader.dataset)
     iloader = loader if cfg.interactive_images is None else evaluation_loader(
-        cfg.data, describe(next(iter(models.values()))).input_size, batch_size=cfg.batch_size, seed=cfg.seed,
-        limit=min(cfg.interactive_images, n))
+        loader.dataset.base, describe(next(iter(models.values()))).input_size, batch_size=cfg.batch_size,
+        seed=cfg.seed, limit=min(cfg.interactive_images, n))
     curve = interactive_curve(models, iloader, clicks=cfg.clicks, min_pairs=cfg.interactive_min_pairs, seed=cfg.seed,
                               device=device, negatives=cfg.negative_clicks, image=cfg.interactive_image)
     res.meta["interactive_protocol"] = {"negative_clicks": cfg.negative_clicks, "image": cfg.interactive_image,
@@ -294,16 +313,16 @@ def _interactive(res: Results, models: dict[str, torch.nn.Module], loader, cfg: 
         est = curve_estimate(table)
         if name in res.runs:
             gains, gain_cis = [], []
-            for j, base in enumerate(strongest):
-                m, (lo, hi) = paired_difference_ci(curve.table(base)[:, j], table[:, j], seed=cfg.seed)
+            for j, b in enumerate(strongest):
+                m, (lo, hi) = paired_difference_ci(curve.table(b)[:, j], table[:, j], seed=cfg.seed)
                 gains.append(_num(m))
                 gain_cis.append(list(c) if (c := _ci(lo, hi)) else None)
-            est.extra.update(gain_over_best_baseline=gains, gain_ci=gain_cis, best_baseline=strongest)
+            est.extra.update(gain_over_best_baseline=gains, gain_ci=gain_cis, best_baseline=[b + suffix for b in strongest])
             res.runs[name].metrics["interactive_iou"] = est
             res.per_image.setdefault(name, {})["interactive_iou"] = table  # [pairs, clicks]
         else:
-            res.baselines.setdefault("interactive_iou", {})[name] = est
-            res.per_image.setdefault(f"baseline:{name}", {})["interactive_iou"] = table
+            res.baselines.setdefault("interactive_iou", {})[name + suffix] = est
+            res.per_image.setdefault(f"baseline:{name}{suffix}", {})["interactive_iou"] = table
 
 
 def default_probe_train(data: str) -> str | None:

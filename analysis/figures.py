@@ -148,9 +148,11 @@ class OverlayMaterial:
         q = torch.tensor(queries, device=last.device)
         maps["query"] = normalise_for_display(upsample(aggregate_heads(
             patch_query_maps(last, q, grid, num_prefix=P)), size)).numpy()
+        # each run's own view of the images (runs of different input sizes see them resized)
+        maps["images"] = denormalize(images[:n].cpu()).permute(0, 2, 3, 1).clamp(0, 1).numpy()
         self.maps[name] = maps
         if self.images is None:
-            self.images = denormalize(images[:n].cpu()).permute(0, 2, 3, 1).clamp(0, 1).numpy()
+            self.images = maps["images"]
 
 
 def overlays(material: OverlayMaterial, out: Path) -> None:
@@ -172,7 +174,7 @@ def overlays(material: OverlayMaterial, out: Path) -> None:
             m = material.maps[run]
             for k, (kind, label) in enumerate((("cls", "CLS"), ("query", "patch query"))):
                 ax = axes[i, 1 + 2 * j + k]
-                ax.imshow(images[i])
+                ax.imshow(m["images"][i])
                 if kind not in m:  # no cls token (e.g. a mean-pooled ViT)
                     continue
                 ax.imshow(m[kind][i], cmap="inferno", alpha=0.6, vmin=0, vmax=1)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from analysis.analyze import AnalysisError, AnalyzeConfig, analyze
@@ -93,11 +94,30 @@ def test_cli_and_clear_errors(trained_runs, tmp_path):
     assert r.returncode == 2 and "clicks" in r.stderr and "Traceback" not in r.stderr
     import rmae
 
-    big = rmae.create_model("mae_vit_tiny_patch8", img_size=64, depth=1)
+    with pytest.raises(AnalysisError, match="at least one run"):
+        analyze([], AnalyzeConfig(data="scenes:val:8", probes=()), progress=False)
+
+
+def test_runs_of_different_input_sizes_see_the_same_images_resized(trained_runs, tmp_path):
+    """Each model gets the same images at its own input size (masks resized alike): the per-image
+    values are paired over the same images, CKA (same inputs needed) is skipped and said so."""
+    import rmae
+
+    torch.manual_seed(0)
+    big = rmae.create_model("mae_vit_tiny_patch8", img_size=64, depth=2)
     rmae.save_model(big, tmp_path / "big.safetensors")
-    with pytest.raises(AnalysisError, match="different image sizes"):
-        analyze([runs["mae"], tmp_path / "big.safetensors"], AnalyzeConfig(data="scenes:val:8", probes=()),
-                progress=False)
+    res = analyze([trained_runs["mae"], tmp_path / "big.safetensors"],
+                  AnalyzeConfig(data="scenes:val:8", batch_size=4, probes=(), clicks=(), device="cpu"),
+                  tmp_path / "rep", progress=False)
+    assert res.meta["input_sizes"] == {"mae": [32, 32], "big.safetensors": [64, 64]}
+    assert res.per_image["big.safetensors"]["instance_mass"].shape == res.per_image["mae"]["instance_mass"].shape == (8, 2)
+    # the 64² model on the 64² rendering equals analysing it alone at 64²
+    alone = analyze([tmp_path / "big.safetensors"], AnalyzeConfig(data="scenes:val:8", batch_size=4, probes=(),
+                                                                   clicks=(), cka=False, device="cpu"), progress=False)
+    np.testing.assert_allclose(res.per_image["big.safetensors"]["attention_distance"],
+                               alone.per_image["big.safetensors"]["attention_distance"])
+    assert "big.safetensors − mae" in res.differences and "cka (big.safetensors)" in res.meta["skipped"]
+    assert (tmp_path / "rep" / "figures" / "attention_overlays.png").stat().st_size > 100
 
 
 def test_verdicts_follow_the_scope_of_the_evidence():
