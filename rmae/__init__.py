@@ -7,7 +7,8 @@
     rmae.export_timm(model, "encoder.safetensors")
 """
 
-from .checkpoint import CheckpointError, export_timm, load_model, save_model
+from .checkpoint import CheckpointError, load_model, save_model
+from .export import export_timm
 from .models import (
     MaskedAEOutput,
     MaskedAutoencoderViT,

@@ -208,7 +208,8 @@ state dict as it is, with the timm name and keywords in the file (either format)
 
 
 def _export(args) -> int:
-    from .checkpoint import export_timm, load_model, save_model
+    from .checkpoint import load_model, save_model
+    from .export import export_timm
     from .io import OutputPathError, check_output_path
     from .runfolder import RunFolder
 

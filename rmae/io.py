@@ -141,3 +141,19 @@ def read_regular(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> bytes:
 def read_text(path: str | os.PathLike, limit: int = MAX_TEXT_BYTES) -> str:
     """:func:`read_regular` decoded as UTF-8 (``UnicodeDecodeError`` names no path; callers do)."""
     return read_regular(path, limit).decode("utf-8")
+
+
+def save_state_dict(state_dict: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                    safetensors: bool | None = None) -> Path:
+    """Tensors → a file, atomically: safetensors (with ``metadata``) for ``.safetensors`` (or
+    ``safetensors=True``), else ``torch.save`` (a plain dict of tensors, readable with
+    ``weights_only=True``). Tensors are detached, made contiguous and moved to the CPU first.
+    The one writer of weight files."""
+    import torch
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    path = Path(path)
+    if safetensors or (safetensors is None and path.suffix == ".safetensors"):
+        return atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=metadata))
+    return atomic_write(path, lambda tmp: torch.save(sd, tmp))

@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 import rmae
-from rmae.checkpoint import _find_key
+from rmae.layouts import _find_key
 from rmae.data import BaseDataset, DataError, FelzenszwalbSource, PanopticSource, RegionDataset, RegionLoader
 from rmae.data import coco as coco_mod
 from rmae.data import imageio

@@ -92,8 +92,6 @@ def test_cli_and_clear_errors(trained_runs, tmp_path):
     r = subprocess.run([sys.executable, "-m", "rmae", "analyze", str(runs["mae"]), "--out", str(tmp_path / "x"),
                         "--clicks", "one"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and "clicks" in r.stderr and "Traceback" not in r.stderr
-    import rmae
-
     with pytest.raises(AnalysisError, match="at least one run"):
         analyze([], AnalyzeConfig(data="scenes:val:8", probes=()), progress=False)
 

@@ -34,11 +34,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
 from ..errors import CheckpointError
-from ..io import atomic_write
+from ..io import save_state_dict
 from ..runfolder import RunFolder
 from .detect import detect
 from .options import KINDS, NAMES, OPTION_KEYS, ImportOptions, import_options
@@ -117,30 +116,20 @@ def _file_metadata(arch: TimmArch) -> dict[str, str]:
 def save_run(run: RunFolder, model: nn.Module, imported_from: str | os.PathLike) -> None:
     """Write a foreign encoder built by :func:`build` as a run folder (caller holds the lock):
     ``config.yaml`` with ``arch`` and ``model.safetensors`` with its native weights."""
-    from safetensors.torch import save_file
-
     imp, arch = model.imported, model.timm_arch
     native = TimmArch(arch.kind, arch.timm, arch.kwargs, arch.native_size, arch.resample, arch.layer_norm_eps)
     run.write_config({"imported_from": str(Path(imported_from).resolve()), "source_kind": arch.kind, "model": arch.timm,
                       "arch": arch.to_config()}, None)
-    sd = {k: v.detach().contiguous().cpu() for k, v in imp.state_dict.items()}
-    atomic_write(run.model_path, lambda tmp: save_file(sd, tmp, metadata=_file_metadata(native)))
+    save_state_dict(imp.state_dict, run.model_path, _file_metadata(native))
 
 
 def export(model: nn.Module, path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
     """A foreign encoder's timm state dict at the size it was built (``timm.create_model(name,
     **kwargs).load_state_dict(load_file(path))`` reads it; so does ``rmae.load_model``)."""
-    from safetensors.torch import save_file
-
     arch = model.timm_arch
     at_size = TimmArch(arch.kind, arch.timm, {**arch.kwargs, "img_size": list(arch.img_size)}, arch.img_size,
                        arch.resample, arch.layer_norm_eps)
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        atomic_write(path, lambda tmp: save_file(sd, tmp, metadata=_file_metadata(at_size)))
-    else:
-        atomic_write(path, lambda tmp: torch.save(sd, tmp))
+    save_state_dict(model.state_dict(), path, _file_metadata(at_size) if Path(path).suffix == ".safetensors" else None)
     return arch.timm, at_size.to_config()["kwargs"]
 
 

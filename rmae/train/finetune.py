@@ -33,7 +33,7 @@ from ..data import DataError, RegionDataset, RegionLoader, build_dataset, evalua
 from ..device import resolve_device
 from ..errors import TrainingDiverged
 from ..evaluation import confusion_matrix, iou_from_confusion
-from ..io import atomic_write, atomic_write_json
+from ..io import atomic_write_json, save_state_dict
 from ..models import MaskedAutoencoderViT
 from ..runfolder import RunFolder
 from ..settings import ConfigError, add_arguments, from_args, keys_help, setting
@@ -236,10 +236,7 @@ def _finetune_loop(run_dir, cfg: FinetuneConfig, out_dir: RunFolder, model: "Fin
     if val_loader is not None:
         results.update({f"val_{k}": v for k, v in evaluate(model, val_loader, cfg.task, val_spec, n_cls, device).items()})
         results["val_data"] = val_spec
-    from safetensors.torch import save_file
-
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(out_dir.root / "finetuned.safetensors", lambda tmp: save_file(sd, tmp))
+    save_state_dict(model.state_dict(), out_dir.root / "finetuned.safetensors")
     atomic_write_json(out_dir.root / "results.json", _finite(results), indent=2)
     return results
 
