@@ -39,8 +39,7 @@ from rmae.errors import UserError
 from rmae.settings import replace, setting
 
 from . import metrics as M
-from .encoder import EncoderInfo, attention_pass, describe, load_encoder
-from .groundtruth import boxes_from_instances
+from .encoder import attention_pass, describe, load_encoder, model_device
 from .registry import LAYER_METRICS, METRICS, PROBE_KEYS
 from .results import Estimate, Results, RunResult
 from .stats import bootstrap_ci, paired_difference_ci, wilson_ci
@@ -128,8 +127,13 @@ def difference(a: np.ndarray, b: np.ndarray, seed: int) -> Estimate:
 def attention_metrics(models: dict[str, torch.nn.Module], loader, *, precision: str = "fp32",
                       progress: bool = False, on_batch=None) -> dict[str, dict[str, np.ndarray]]:
     """One explicit-attention pass per batch and model → per-image values
-    ``{run: {metric: [n] or [n, layers]}}``. ``on_batch(name, info, images, instances, rec)`` sees
-    each batch's recording (the report's overlay figure takes its material there)."""
+    ``{run: {metric: [n] or [n, layers]}}`` (:class:`analysis.metrics.stream.ImageMetrics`: each
+    layer is reduced to its metric values as soon as it has run, so memory holds one layer's
+    weights at a time). ``on_batch(name, info, images, instances, rec)`` sees each batch's
+    recording, which keeps the last layer's weights and keys (the report's overlay figure takes
+    its material there)."""
+    from .metrics.stream import ImageMetrics
+
     infos = {n: describe(m) for n, m in models.items()}
     per_image: dict[str, dict[str, list]] = {n: defaultdict(list) for n in models}
     batches = loader
@@ -143,30 +147,14 @@ def attention_metrics(models: dict[str, torch.nn.Module], loader, *, precision: 
             info = infos[name]
             if hasattr(model, "observe"):  # the oracle control is shown the ground truth it is built from
                 model.observe(batch)
-            _, rec = attention_pass(model, batch["images"], keys=True, precision=precision)
-            _per_image(per_image[name], rec, inst.to(rec.weights[0].device) if inst is not None else None, info)
+            reducer = ImageMetrics(info, inst.to(model_device(model)) if inst is not None else None)
+            _, rec = attention_pass(model, batch["images"], keys=[-1], precision=precision, reduce=reducer, keep=[-1])
+            for key, value in reducer.finish(rec.keys[-1]).items():
+                per_image[name][key].append(value.cpu())
             if on_batch is not None:
                 on_batch(name, info, batch["images"], inst, rec)
             del rec
-    return {n: {k: torch.cat(v).double().cpu().numpy() for k, v in vals.items()} for n, vals in per_image.items()}
-
-
-def _per_image(vals: dict[str, list], rec, inst: torch.Tensor | None, info: EncoderInfo) -> None:
-    attn, P, p, grid = rec.weights, info.num_prefix_tokens, info.patch_size, info.grid
-    vals["attention_distance"].append(M.mean_attention_distance(attn, grid, p, num_prefix=P).mean(-1))
-    vals["attention_entropy"].append(M.attention_entropy(attn, num_prefix=P).mean(-1))
-    vals["attention_nmi"].append(M.attention_nmi(attn, num_prefix=P).mean(-1))
-    if inst is None:
-        return
-    ia = M.instance_awareness(attn, inst, p, num_prefix=P)
-    vals["instance_mass"].append(ia.mass)
-    vals["instance_leak"].append(ia.leak)
-    vals["instance_jaccard"].append(ia.jaccard)
-    vals["instance_selectivity"].append(M.instance_selectivity(attn, inst, p, num_prefix=P))
-    if info.has_cls:
-        vals["cls_jaccard"].append(M.cls_jaccard(attn, inst, p, num_prefix=P))
-    found = M.tokencut(rec.keys[-1][:, P:], grid, p)
-    vals["corloc"].append(M.corloc(found.boxes, boxes_from_instances(inst)))
+    return {n: {k: torch.cat(v).double().numpy() for k, v in vals.items()} for n, vals in per_image.items()}
 
 
 # ------------------------------------------------------------------------------------------
