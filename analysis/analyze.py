@@ -68,6 +68,12 @@ class AnalyzeConfig:
     cka: bool = setting(True, "layer × layer CKA against the reference run")
     controls: bool = setting(False, "also run the controls (content-free, local, random-init, oracle) through the "
                                     "attention metrics, so the report shows each metric's null and ceiling")
+    attributions: int = setting(4, "images per run whose IG / occlusion / Grad-CAM maps (probe logit and embedding "
+                                   "similarity) the report shows (0 = none)", low=0, high=64)
+    feature_maps: tuple[int, ...] = setting((-1,), "layers whose PCA feature maps the report shows (-1 = last; "
+                                                   "empty = none)")
+    embedding: str = setting("tsne", "2-D embedding of the image features in the report: tsne | umap | none",
+                             choices=("tsne", "umap", "none"))
     seed: int = setting(0, "seed of the images (scenes), bootstrap and clicks", low=0)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
     precision: str = setting("fp32", "fp32 | bf16 (autocast for the attention pass where exact weights are not needed)",
@@ -188,6 +194,10 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
         raise AnalysisError(f"runs were trained at different image sizes {sizes}; compare runs of one resolution "
                             "(the same images must be shown to every model)")
     hw = next(iter(sizes.values()))
+    depth = min(i.depth for i in infos.values())
+    if any(not -depth <= layer < depth for layer in cfg.feature_maps):
+        raise AnalysisError(f"feature_maps: layers must be in 0..{depth - 1} (or negative from the end) for these runs, "
+                            f"got {','.join(map(str, cfg.feature_maps))}")
     ref = next((n for n, i in infos.items() if i.family == "mae"), next(iter(models)))
     loader = evaluation_loader(cfg.data, hw, batch_size=cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers)
     has_instances = bool(getattr(loader.dataset.base, "has_instances", False))
@@ -240,12 +250,31 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
             if name != ref:
                 mat = M.layer_cka(models[ref], models[name], cka_loader)
                 res.cka[name] = {"a": ref, "b": name, "matrix": mat.tolist()}
+    if out is not None:
+        _views(res, models, paths, loader, cfg, Path(out) / "figures", device, progress)
     res.meta.update(seconds=round(time.time() - t0, 1), skipped=skipped, device=str(device), precision=cfg.precision)
     if out is not None:
         from .report import write_report
 
         write_report(res, Path(out), overlay)
     return res
+
+
+def _views(res: Results, models: dict[str, torch.nn.Module], paths: dict[str, Path], loader, cfg: AnalyzeConfig,
+           figures: Path, device: torch.device, progress: bool) -> None:
+    """The report's attribution and feature-map figures (:mod:`analysis.attribution_views`,
+    :mod:`analysis.featuremap_views`); what they show goes to ``results.meta``."""
+    if cfg.attributions:
+        from .attribution_views import report_attributions
+
+        res.meta["attributions"] = report_attributions(
+            models, paths, loader, cfg.attributions, cfg.probe_train or default_probe_train(cfg.data), figures,
+            seed=cfg.seed, device=device, progress=progress)
+    if cfg.feature_maps or cfg.embedding != "none":
+        from .featuremap_views import report_feature_maps
+
+        res.meta["feature_maps"] = report_feature_maps(models, loader, cfg.feature_maps, cfg.embedding, 4, figures,
+                                                       seed=cfg.seed)
 
 
 def _interactive(res: Results, models: dict[str, torch.nn.Module], loader, cfg: AnalyzeConfig,

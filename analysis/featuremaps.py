@@ -14,11 +14,12 @@ shown images (one such tensor per run):
    each min–max scaled to [0, 1] over all those patches → RGB; background is black.
 
 Fitting jointly is what makes colours comparable: the same part of two images, or of two runs,
-gets the same colour only if one PCA placed both. Two encoders' feature axes are unrelated even
-at equal width, so before a joint fit each run's features are divided by their overall standard
-deviation (one number per run: neither run dominates the components by scale, and nothing changes
-within a run). Runs of different widths cannot share a PCA: each is then fitted on its own
-(``FeaturePCA.joint`` is False — say so next to the picture).
+gets the same colour only if one PCA placed both. Two encoders' features live in unrelated
+spaces even at equal width, so before a joint fit each run's features are centred on their own
+mean and divided by their own overall standard deviation (otherwise the first component would
+just separate the runs — one run all background — and the larger-scaled run would own the
+colours); nothing changes within a run. Runs of different widths cannot share a PCA: each is then
+fitted on its own (``FeaturePCA.joint`` is False — say so next to the picture).
 
 **2-D embeddings** (:func:`embed_2d`): t-SNE (scikit-learn) or UMAP (``umap-learn``, when
 installed) of one vector per image (the cls token, or the mean patch token).
@@ -145,8 +146,8 @@ def feature_pca(features: Sequence[Tensor], *, background: bool = True, threshol
                 joint: bool = True) -> FeaturePCA:
     """The DINOv2 PCA view of ``features`` — one ``[n, gh, gw, D]`` tensor per run (``n`` and the
     grid may differ between runs) — fitted jointly over every image, and over every run when
-    ``joint`` and all widths ``D`` are equal (each run scaled by its overall standard deviation
-    first); otherwise one fit per run. ``background=False`` keeps every patch (no removal)."""
+    ``joint`` and all widths ``D`` are equal (each run centred and scaled by its own mean and
+    overall standard deviation first); otherwise one fit per run. ``background=False`` keeps every patch (no removal)."""
     if not features:
         raise ValueError("feature_pca needs the features of at least one run")
     for f in features:
@@ -155,7 +156,8 @@ def feature_pca(features: Sequence[Tensor], *, background: bool = True, threshol
     widths = {int(f.shape[-1]) for f in features}
     together = joint and len(widths) == 1
     if together:
-        scaled = [f.double() / f.double().std().clamp_min(torch.finfo(torch.float64).tiny) for f in features]
+        centred = [f.double() - f.double().reshape(-1, f.shape[-1]).mean(0) for f in features]
+        scaled = [f / f.std().clamp_min(torch.finfo(torch.float64).tiny) for f in centred]
         rgb, fg, first, explained = _fit(scaled, background, threshold)
         return FeaturePCA(rgb, fg, first, True, [explained])
     parts = [_fit([f.double()], background, threshold) for f in features]
