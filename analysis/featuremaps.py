@@ -170,11 +170,9 @@ def feature_pca(features: Sequence[Tensor], *, background: bool = True, threshol
 
 
 def umap_available() -> bool:
-    try:
-        import umap  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("umap") is not None
 
 
 def embed_2d(features: Tensor | np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
