@@ -273,9 +273,9 @@ def attention_pass(model: nn.Module, images: torch.Tensor, layers: Iterable[int]
     """
     images = images.to(model_device(model))
     exact = precision == "fp32"
-    fp32 = reduce if exact or reduce is None else (lambda i, w: reduce(i, w.float()))
+    hand_on = reduce if exact or reduce is None else (lambda i, w: reduce(i, w.float()))
     with torch.set_grad_enabled(grad), autocast(images.device, precision), \
-            recording(model, layers, keys, reduce=fp32, keep=keep) as rec:
+            recording(model, layers, keys, reduce=hand_on, keep=keep) as rec:
         tokens = model.forward_features(images)
     if not exact:
         rec.weights[:] = [w.float() for w in rec.weights]

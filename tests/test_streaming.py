@@ -131,6 +131,20 @@ def test_attention_metrics_keep_the_last_layer_for_the_overlays():
         np.testing.assert_allclose(vals["m"][key][:3], value.numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
 
 
+def test_bf16_pass_hands_float32_weights_on():
+    """precision="bf16" (autocast) where exact weights are not needed: the reducer still gets
+    float32 rows summing to 1, and the metrics stay near the float32 pass's."""
+    model = tiny_model()
+    loader = evaluation_loader("scenes:val:4", IMG, batch_size=4)
+    dtypes = []
+    batch = next(iter(loader))
+    encoder.attention_pass(model, batch["images"], precision="bf16", reduce=lambda i, w: dtypes.append(w.dtype))
+    assert dtypes == [torch.float32, torch.float32]
+    exact, fast = attention_metrics({"m": model}, loader), attention_metrics({"m": model}, loader, precision="bf16")
+    for key in ("attention_distance", "attention_entropy", "instance_mass"):
+        np.testing.assert_allclose(fast["m"][key], exact["m"][key], rtol=0.05, err_msg=key)
+
+
 def test_compact_ids_is_unique_with_inverse():
     g = torch.Generator().manual_seed(0)
     for ids in (torch.randint(0, 9, (2, 8, 8), generator=g), torch.tensor([[5, 5], [100_000, 7]]),
