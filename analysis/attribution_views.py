@@ -249,9 +249,7 @@ def report_attributions(models: dict[str, nn.Module], paths: dict[str, Path], lo
     ``figures/attributions_<run>.png``; returns what the report says about them (``results.meta``)."""
     from rmae.data import denormalize
 
-    batch = next(iter(loader))
-    images, labels = batch["images"][:n], batch.get("label")
-    labels = labels[:n] if labels is not None else None
+    images, labels = first_images(loader, n)
     shown = denormalize(images).permute(0, 2, 3, 1).numpy()
     figures.mkdir(parents=True, exist_ok=True)
     runs = {}
@@ -262,6 +260,19 @@ def report_attributions(models: dict[str, nn.Module], paths: dict[str, Path], lo
         draw(shown, maps, f"{name}: {targets.about}", figures / file)
         runs[name] = {"figure": f"figures/{file}", "about": targets.about, "explained": maps.explained}
     return {"images": int(images.shape[0]), "runs": runs, "methods": dict(MEANING)}
+
+
+def first_images(loader: Any, n: int) -> tuple[Tensor, Tensor | None]:
+    """The first ``n`` images of an evaluation loader ``[n, 3, H, W]`` and their labels ``[n]``
+    (None when the data have none), across batches."""
+    images, labels = [], []
+    for batch in loader:
+        images.append(batch["images"])
+        labels.append(batch.get("label"))
+        if sum(len(x) for x in images) >= n:
+            break
+    y = None if any(v is None for v in labels) else torch.cat(labels)[:n]
+    return torch.cat(images)[:n], y
 
 
 def _slug(name: str) -> str:

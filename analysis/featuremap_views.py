@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import encoder
+from .attribution_views import first_images
 from .featuremaps import embed_2d, feature_pca, patch_features
 
 
@@ -119,7 +120,7 @@ def report_feature_maps(models: dict[str, nn.Module], loader: Any, layers: Seque
     figures.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {"pca": [], "embedding": None}
     if layers:
-        tensors = next(iter(loader))["images"][:max(1, n_images)]
+        tensors, _ = first_images(loader, max(1, n_images))
         shown = denormalize(tensors).permute(0, 2, 3, 1).numpy()
         depths = [len(m.blocks) for m in models.values()]
         for layer in layers:

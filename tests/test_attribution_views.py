@@ -186,3 +186,12 @@ def test_report_attributions_without_training_data_use_the_evaluation_mean(train
     assert (tmp_path / "attributions_m.png").is_file()
     md = "\n".join(V.markdown(meta))
     assert "## Attributions" in md and f"Scores: {run['about']}." in md and "![attributions m](figures/attributions_m.png)" in md
+
+
+def test_first_images_cross_batches():
+    from rmae.data import evaluation_loader
+
+    images, labels = V.first_images(evaluation_loader("scenes:val:6", IMG, batch_size=2), 3)
+    whole = next(iter(evaluation_loader("scenes:val:6", IMG, batch_size=6)))
+    torch.testing.assert_close(images, whole["images"][:3])
+    assert labels.tolist() == whole["label"][:3].tolist()
