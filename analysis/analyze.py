@@ -44,8 +44,7 @@ from rmae.errors import UserError
 from rmae.settings import replace, setting
 
 from . import metrics as M
-from .encoder import EncoderInfo, attention_pass, describe, load_encoder
-from .groundtruth import boxes_from_instances
+from .encoder import attention_pass, describe, load_encoder, model_device
 from .registry import LAYER_METRICS, METRICS, PROBE_KEYS
 from .results import Estimate, Results, RunResult
 from .stats import bootstrap_ci, paired_difference_ci, wilson_ci
@@ -74,6 +73,12 @@ class AnalyzeConfig:
     cka: bool = setting(True, "layer × layer CKA against the reference run")
     controls: bool = setting(False, "also run the controls (content-free, local, random-init, oracle) through the "
                                     "attention metrics, so the report shows each metric's null and ceiling")
+    attributions: int = setting(4, "images per run whose IG / occlusion / Grad-CAM maps (probe logit and embedding "
+                                   "similarity) the report shows (0 = none)", low=0, high=64)
+    feature_maps: tuple[int, ...] = setting((-1,), "layers whose PCA feature maps the report shows (-1 = last; "
+                                                   "empty = none)")
+    embedding: str = setting("tsne", "2-D embedding of the image features in the report: tsne | umap | none",
+                             choices=("tsne", "umap", "none"))
     seed: int = setting(0, "seed of the images (scenes), bootstrap and clicks", low=0)
     device: str = setting("auto", "auto | cpu | cuda | cuda:N | mps")
     precision: str = setting("fp32", "fp32 | bf16 (autocast for the attention pass where exact weights are not needed)",
@@ -133,8 +138,13 @@ def difference(a: np.ndarray, b: np.ndarray, seed: int) -> Estimate:
 def attention_metrics(models: dict[str, torch.nn.Module], loader, *, precision: str = "fp32",
                       progress: bool = False, on_batch=None) -> dict[str, dict[str, np.ndarray]]:
     """One explicit-attention pass per batch and model → per-image values
-    ``{run: {metric: [n] or [n, layers]}}``. ``on_batch(name, info, images, instances, rec)`` sees
-    each batch's recording (the report's overlay figure takes its material there)."""
+    ``{run: {metric: [n] or [n, layers]}}`` (:class:`analysis.metrics.stream.ImageMetrics`: each
+    layer is reduced to its metric values as soon as it has run, so memory holds one layer's
+    weights at a time). ``on_batch(name, info, images, instances, rec)`` sees each batch's
+    recording, which keeps the last layer's weights and keys (the report's overlay figure takes
+    its material there)."""
+    from .metrics.stream import ImageMetrics
+
     infos = {n: describe(m) for n, m in models.items()}
     per_image: dict[str, dict[str, list]] = {n: defaultdict(list) for n in models}
     batches = loader
@@ -148,30 +158,14 @@ def attention_metrics(models: dict[str, torch.nn.Module], loader, *, precision: 
             info = infos[name]
             if hasattr(model, "observe"):  # the oracle control is shown the ground truth it is built from
                 model.observe(batch)
-            _, rec = attention_pass(model, batch["images"], keys=True, precision=precision)
-            _per_image(per_image[name], rec, inst.to(rec.weights[0].device) if inst is not None else None, info)
+            reducer = ImageMetrics(info, inst.to(model_device(model)) if inst is not None else None)
+            _, rec = attention_pass(model, batch["images"], keys=[-1], precision=precision, reduce=reducer, keep=[-1])
+            for key, value in reducer.finish(rec.keys[-1]).items():
+                per_image[name][key].append(value.cpu())
             if on_batch is not None:
                 on_batch(name, info, batch["images"], inst, rec)
             del rec
-    return {n: {k: torch.cat(v).double().cpu().numpy() for k, v in vals.items()} for n, vals in per_image.items()}
-
-
-def _per_image(vals: dict[str, list], rec, inst: torch.Tensor | None, info: EncoderInfo) -> None:
-    attn, P, p, grid = rec.weights, info.num_prefix_tokens, info.patch_size, info.grid
-    vals["attention_distance"].append(M.mean_attention_distance(attn, grid, p, num_prefix=P).mean(-1))
-    vals["attention_entropy"].append(M.attention_entropy(attn, num_prefix=P).mean(-1))
-    vals["attention_nmi"].append(M.attention_nmi(attn, num_prefix=P).mean(-1))
-    if inst is None:
-        return
-    ia = M.instance_awareness(attn, inst, p, num_prefix=P)
-    vals["instance_mass"].append(ia.mass)
-    vals["instance_leak"].append(ia.leak)
-    vals["instance_jaccard"].append(ia.jaccard)
-    vals["instance_selectivity"].append(M.instance_selectivity(attn, inst, p, num_prefix=P))
-    if info.has_cls:
-        vals["cls_jaccard"].append(M.cls_jaccard(attn, inst, p, num_prefix=P))
-    found = M.tokencut(rec.keys[-1][:, P:], grid, p)
-    vals["corloc"].append(M.corloc(found.boxes, boxes_from_instances(inst)))
+    return {n: {k: torch.cat(v).double().numpy() for k, v in vals.items()} for n, vals in per_image.items()}
 
 
 # ------------------------------------------------------------------------------------------
@@ -201,6 +195,10 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
     models = {n: load_encoder(p, device) for n, p in paths.items()}
     infos = {n: describe(m) for n, m in models.items()}
     sizes = {n: i.input_size for n, i in infos.items()}
+    depth = min(i.depth for i in infos.values())
+    if any(not -depth <= layer < depth for layer in cfg.feature_maps):
+        raise AnalysisError(f"feature_maps: layers must be in 0..{depth - 1} (or negative from the end) for these runs, "
+                            f"got {','.join(map(str, cfg.feature_maps))}")
     ref = next((n for n, i in infos.items() if i.family == "mae"), next(iter(models)))
     # The same images for every model, each resized to the model's own input size (masks alike,
     # nearest neighbour): one raw dataset, one loader per input size.
@@ -273,12 +271,43 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
             mat = M.layer_cka(models[ref], models[name], cka_loader, tokens=tokens)
             res.cka[name] = {"a": ref, "b": name, "matrix": mat.tolist(), "tokens": tokens}
     res.meta["input_sizes"] = {n: list(hw) for n, hw in sizes.items()}
+    if out is not None:
+        _views(res, models, paths, loaders, sizes, cfg, Path(out) / "figures", device, progress, skipped)
     res.meta.update(seconds=round(time.time() - t0, 1), skipped=skipped, device=str(device), precision=cfg.precision)
     if out is not None:
         from .report import write_report
 
         write_report(res, Path(out), overlay)
     return res
+
+
+def _views(res: Results, models: dict[str, torch.nn.Module], paths: dict[str, Path], loaders: dict, sizes: dict,
+           cfg: AnalyzeConfig, figures: Path, device: torch.device, progress: bool, skipped: dict[str, str]) -> None:
+    """The report's attribution and feature-map figures (:mod:`analysis.attribution_views`,
+    :mod:`analysis.featuremap_views`), each model on its own input size; what they show goes to
+    ``results.meta``. Feature maps are fitted jointly, so they are drawn for the runs of the
+    reference's input size."""
+    ref_size = sizes[res.reference]
+    if cfg.attributions:
+        from .attribution_views import report_attributions
+
+        shown: dict[str, Any] = {}
+        for hw, loader in loaders.items():
+            group = {n: m for n, m in models.items() if sizes[n] == hw}
+            meta = report_attributions(group, paths, loader, cfg.attributions,
+                                       cfg.probe_train or default_probe_train(cfg.data), figures,
+                                       seed=cfg.seed, device=device, progress=progress)
+            shown = {**meta, "runs": {**shown.get("runs", {}), **meta["runs"]}}
+        res.meta["attributions"] = shown
+    if cfg.feature_maps or cfg.embedding != "none":
+        from .featuremap_views import report_feature_maps
+
+        group = {n: m for n, m in models.items() if sizes[n] == ref_size}
+        for n in models:
+            if n not in group:
+                skipped[f"feature maps ({n})"] = f"{n} takes {sizes[n]} images; the joint PCA is drawn at {ref_size}"
+        res.meta["feature_maps"] = report_feature_maps(group, loaders[ref_size], cfg.feature_maps, cfg.embedding, 4,
+                                                       figures, seed=cfg.seed)
 
 
 def _interactive(res: Results, models: dict[str, torch.nn.Module], loader, cfg: AnalyzeConfig,

@@ -18,9 +18,11 @@ examples:
   rmae analyze runs/mae runs/rmae --data scenes:val:100 --out reports/quick --probes none --clicks 1,4,16
   rmae analyze runs/mae runs/rmae --out reports/gpu device=cuda precision=bf16
   rmae analyze runs/mae runs/rmae --out reports/controls --controls --probes none   # with null and ceiling
+  rmae analyze runs/mae runs/rmae --out reports/views attributions=8 feature_maps=0,6,-1 embedding=umap
 
 writes OUT/results.json, OUT/report.md, OUT/per_layer.csv, OUT/summary.csv, OUT/differences.csv and
-OUT/figures/ (per-layer curves PNG + HTML, attention overlays, interactive curves, CKA). The first MAE
+OUT/figures/ (per-layer curves PNG + HTML, attention overlays, interactive curves, CKA, attributions_<run>.png,
+feature_pca_<layer>.png, embedding_2d.png — see the attributions, feature_maps and embedding settings). The first MAE
 run is the reference: differences read "run − reference", paired over the same images, and describe
 these checkpoints; a method comparison needs seeds (rmae study). What the data cannot support (no
 instance masks, no labels for probes) is skipped and named in the report.

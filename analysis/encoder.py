@@ -18,7 +18,7 @@ layers that lack that hook point they are recomputed from ``qkv`` in a pre-hook.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,11 +172,16 @@ class Recording:
 
     ``weights[i]``: ``[B, heads, N, N]`` attention of layer ``layers[i]`` (rows = queries, sum 1);
     ``keys[i]``: ``[B, N, D]`` that layer's keys (heads concatenated, after ``k_norm``) when asked.
+    With a ``reduce`` callback only the kept layers' weights are here (``layers`` names them).
     """
 
     layers: list[int]
     weights: list[torch.Tensor] = field(default_factory=list)
     keys: list[torch.Tensor] = field(default_factory=list)
+
+
+#: ``reduce(layer, weights [B, heads, N, N])``: called as soon as a layer's attention has run
+Reduce = Callable[[int, torch.Tensor], None]
 
 
 def _recompute_weights(attn_mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -197,61 +202,97 @@ def _biased_qkv(attn_mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, attn_mod.qkv.weight, bias)
 
 
+def _key_hook(store: dict[int, torch.Tensor], i: int, attn: nn.Module) -> Callable[..., None]:
+    heads, k_norm = int(attn.num_heads), getattr(attn, "k_norm", None)
+
+    def hook(_m: nn.Module, _i: Any, qkv: torch.Tensor) -> None:
+        B, N, three_d = qkv.shape
+        k = qkv.reshape(B, N, 3, heads, three_d // (3 * heads))[:, :, 1]  # [B, N, heads, head_dim]
+        if k_norm is not None and not isinstance(k_norm, nn.Identity):
+            k = k_norm(k)  # normalises head_dim, as timm's [B, heads, N, head_dim] layout
+        store[i] = k.reshape(B, N, -1)
+
+    return hook
+
+
 @contextlib.contextmanager
-def recording(model: nn.Module, layers: Iterable[int] | None = None, keys: bool = False) -> Iterator[Recording]:
+def recording(model: nn.Module, layers: Iterable[int] | None = None, keys: bool | Iterable[int] = False, *,
+              reduce: Reduce | None = None, keep: Iterable[int] | None = None) -> Iterator[Recording]:
     """Within the block, one forward pass of ``model`` fills a :class:`Recording` of the chosen
-    layers (default: all). Use one forward pass per ``with`` block."""
+    layers (default: all). Use one forward pass per ``with`` block.
+
+    ``keys``: True records the keys of every chosen layer, a sequence of layers those layers'.
+    ``reduce``: streaming — each chosen layer's weights go to ``reduce(layer, weights)`` as soon
+    as that layer's attention has run (in layer order) and are then dropped, except the layers in
+    ``keep`` (default none), which stay in the recording. Memory then holds one layer's weights
+    at a time, however deep the model. Without ``reduce`` every chosen layer is kept.
+    """
     depth = len(model.blocks)
     chosen = sorted({normalize_layer(i, depth) for i in layers}) if layers is not None else list(range(depth))
-    rec = Recording(chosen)
+    key_layers = set(chosen) if keys is True else {normalize_layer(i, depth) for i in keys} if keys else set()
+    kept = set(chosen) if reduce is None else {normalize_layer(i, depth) for i in keep or ()}
+    rec = Recording([i for i in chosen if i in kept])
+    by_layer: dict[int, torch.Tensor] = {}
+
+    def take(i: int, w: torch.Tensor) -> None:
+        if reduce is not None:
+            reduce(i, w)
+        if i in kept:
+            by_layer[i] = w
+
     handles = []
     hookable = [i for i in chosen if hasattr(model.blocks[i].attn, "attn_drop") and hasattr(model.blocks[i].attn, "fused_attn")]
-    fallback = [i for i in chosen if i not in hookable]
-    fallback_maps: dict[int, torch.Tensor] = {}
-    for i in fallback:
-        handles.append(model.blocks[i].attn.register_forward_pre_hook(
-            lambda mod, args, i=i: fallback_maps.__setitem__(i, _recompute_weights(mod, args[0]))))
+    for i in chosen:
+        if i not in hookable:
+            handles.append(model.blocks[i].attn.register_forward_pre_hook(
+                lambda mod, args, i=i: take(i, _recompute_weights(mod, args[0]))))
     key_maps: dict[int, torch.Tensor] = {}
-    if keys:
-        for i in chosen:
-            attn = model.blocks[i].attn
-            heads, k_norm = int(attn.num_heads), getattr(attn, "k_norm", None)
-
-            def hook(_m, _i, qkv: torch.Tensor, i=i, heads=heads, k_norm=k_norm) -> None:
-                B, N, three_d = qkv.shape
-                k = qkv.reshape(B, N, 3, heads, three_d // (3 * heads))[:, :, 1]  # [B, N, heads, head_dim]
-                if k_norm is not None and not isinstance(k_norm, nn.Identity):
-                    k = k_norm(k)  # normalises head_dim, as timm's [B, heads, N, head_dim] layout
-                key_maps[i] = k.reshape(B, N, -1)
-
-            if getattr(attn, "q_bias", None) is not None:  # BEiT-style: qkv weight applied by F.linear with q/v biases
-                handles.append(attn.register_forward_pre_hook(
-                    lambda mod, args, hook=hook: hook(None, None, _biased_qkv(mod, args[0]))))
-            else:
-                handles.append(attn.qkv.register_forward_hook(hook))
+    for i in sorted(key_layers):
+        attn = model.blocks[i].attn
+        hook = _key_hook(key_maps, i, attn)
+        if getattr(attn, "q_bias", None) is not None:  # BEiT-style: qkv weight applied by F.linear with q/v biases
+            handles.append(attn.register_forward_pre_hook(
+                lambda mod, args, hook=hook: hook(None, None, _biased_qkv(mod, args[0]))))
+        else:
+            handles.append(attn.qkv.register_forward_hook(hook))
     try:
         with explicit_attention([model.blocks[i] for i in hookable]) as store:
+            # explicit_attention appends each layer's weights at its attn_drop; taking them when
+            # the attention module returns hands them on while the layer is still the newest
+            def taken(i: int) -> Callable[..., None]:
+                def hook(*_: Any) -> None:
+                    if not store:
+                        raise RuntimeError(f"layer {i}'s attention ran without passing its weights through attn_drop; "
+                                           "analysis.encoder cannot record this attention class")
+                    take(i, store.pop())
+
+                return hook
+
+            handles += [model.blocks[i].attn.register_forward_hook(taken(i)) for i in hookable]
             yield rec
-        by_layer = dict(zip(hookable, store))
-        by_layer.update(fallback_maps)
-        rec.weights[:] = [by_layer[i] for i in chosen if i in by_layer]
-        rec.keys[:] = [key_maps[i] for i in chosen if i in key_maps]
+        rec.weights[:] = [by_layer[i] for i in rec.layers if i in by_layer]
+        rec.keys[:] = [key_maps[i] for i in sorted(key_maps)]
     finally:
         for h in handles:
             h.remove()
 
 
 def attention_pass(model: nn.Module, images: torch.Tensor, layers: Iterable[int] | None = None, *,
-                   keys: bool = False, precision: str = "fp32", grad: bool = False) -> tuple[torch.Tensor, Recording]:
+                   keys: bool | Iterable[int] = False, precision: str = "fp32", grad: bool = False,
+                   reduce: Reduce | None = None, keep: Iterable[int] | None = None) -> tuple[torch.Tensor, Recording]:
     """One forward pass over whole images → (final-norm tokens ``[B, N, D]``, :class:`Recording`).
 
     ``images`` are moved to the model's device. ``precision="bf16"`` runs under autocast (matmuls
-    in bf16, softmax in fp32) where exact weights are not needed; weights are returned as float32.
+    in bf16, softmax in fp32) where exact weights are not needed; weights (also those handed to
+    ``reduce``) are float32. ``keys``, ``reduce``, ``keep``: as in :func:`recording`.
     """
     images = images.to(model_device(model))
-    with torch.set_grad_enabled(grad), autocast(images.device, precision), recording(model, layers, keys) as rec:
+    exact = precision == "fp32"
+    hand_on = reduce if exact or reduce is None else (lambda i, w: reduce(i, w.float()))
+    with torch.set_grad_enabled(grad), autocast(images.device, precision), \
+            recording(model, layers, keys, reduce=hand_on, keep=keep) as rec:
         tokens = model.forward_features(images)
-    if precision != "fp32":
+    if not exact:
         rec.weights[:] = [w.float() for w in rec.weights]
         rec.keys[:] = [k.float() for k in rec.keys]
         tokens = tokens.float()

@@ -25,6 +25,22 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return int(a), int(b)
 
 
+def compact_ids(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.unique(ids, sorted=True, return_inverse=True)`` for non-negative integer maps:
+    (the distinct ids ascending ``[K]``, each entry's index among them, shaped like ``ids``). Maps
+    of small ids (instance and category maps) are counted with one ``bincount`` — linear time,
+    several times faster than ``unique``'s sort; large sparse ids (e.g. COCO annotation ids) fall
+    back to ``unique``."""
+    flat = ids.reshape(-1)
+    top = int(flat.max()) if flat.numel() else 0
+    if top >= max(1 << 16, 4 * flat.numel()):
+        return torch.unique(ids, sorted=True, return_inverse=True)
+    present = torch.bincount(flat, minlength=top + 1) > 0
+    distinct = torch.nonzero(present).squeeze(1)
+    lut = torch.cumsum(present, 0) - 1  # id → its index among the distinct ids
+    return distinct, lut[ids]
+
+
 def patch_ownership(instances: Tensor, patch_size: int | Sequence[int]) -> tuple[Tensor, Tensor]:
     """Majority-vote instance id of every patch, and its purity.
 
@@ -55,7 +71,7 @@ def patch_ownership(instances: Tensor, patch_size: int | Sequence[int]) -> tuple
         raise ValueError(f"instance map {H}×{W} is not divisible by the patch size {ph}×{pw}")
     gh, gw = H // ph, W // pw
     L = gh * gw
-    ids, dense = torch.unique(instances, sorted=True, return_inverse=True)  # dense ids 0..K-1
+    ids, dense = compact_ids(instances)  # dense ids 0..K-1
     K = ids.numel()
     dev = instances.device
     patch = (torch.arange(H, device=dev) // ph)[:, None] * gw + (torch.arange(W, device=dev) // pw)[None, :]
@@ -107,7 +123,7 @@ def boxes_from_instances(instances: Tensor) -> list[Tensor]:
         instances = instances[None]
     out = []
     for inst in instances:  # per image; the per-id work below is vectorised
-        ids = torch.unique(inst)
+        ids = compact_ids(inst)[0]
         ids = ids[ids > 0]
         if ids.numel() == 0:
             out.append(torch.zeros(0, 4, dtype=torch.float64, device=inst.device))

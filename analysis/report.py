@@ -3,7 +3,8 @@
     OUT/results.json        :class:`analysis.results.Results` (names from :mod:`analysis.registry`)
     OUT/report.md           tables with intervals, differences with their scope, what was skipped
     OUT/per_layer.csv, summary.csv, differences.csv
-    OUT/figures/            per-layer curves (PNG + HTML), attention overlays, interactive curves, CKA
+    OUT/figures/            per-layer curves (PNG + HTML), attention overlays, interactive curves, CKA,
+                            attributions_<run>.png, feature_pca_<layer>.png, embedding_2d.png
 
 Verdict words follow the evidence: a difference between two checkpoints (``"scope":
 "checkpoint"``, intervals over images) is reported as what it is — these checkpoints differ —
@@ -140,9 +141,24 @@ def render_markdown(results: Results) -> str:
             lines.append(f"- {c['a']} vs {c['b']}: same-layer CKA " + ", ".join(f"{x:.2f}" for x in diag)
                          + f" (figure: figures/cka_{name}.png)")
         lines.append("")
+    lines += _views_section(results)
     lines += ["## Attention overlays", "", "![overlays](figures/attention_overlays.png)", "",
               f"_Computed in {results.meta.get('seconds', 0):.0f} s on {results.meta.get('device', '?')}._", ""]
     return "\n".join(lines)
+
+
+def _views_section(results: Results) -> list[str]:
+    """Attributions and feature maps, when the analysis drew them (their own modules word them)."""
+    lines: list[str] = []
+    if results.meta.get("attributions"):
+        from .attribution_views import markdown
+
+        lines += markdown(results.meta["attributions"])
+    if results.meta.get("feature_maps"):
+        from .featuremap_views import markdown
+
+        lines += markdown(results.meta["feature_maps"])
+    return lines
 
 
 def _csv(rows: list[list]) -> str:

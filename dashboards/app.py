@@ -25,6 +25,8 @@ PAGES = [
     ("views/attention.py", "Attention explorer", "attention", ":material/center_focus_strong:", True),
     ("views/reconstruction.py", "Reconstruction", "reconstruction", ":material/auto_fix_high:", True),
     ("views/segmentation.py", "Interactive segmentation", "segmentation", ":material/touch_app:", True),
+    ("views/attribution.py", "Attributions", "attributions", ":material/gradient:", True),
+    ("views/featuremaps.py", "Feature maps", "feature-maps", ":material/palette:", True),
     ("views/metrics.py", "Metrics and probes", "metrics", ":material/monitoring:", False),
     ("views/runs.py", "Runs", "runs", ":material/folder_open:", False),
 ]

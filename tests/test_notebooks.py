@@ -2,7 +2,7 @@
 
 Settings are injected papermill-style: a cell after the one tagged ``parameters`` sets
 ``SMALL = True`` and a temporary ``WORKDIR``. ``01_quickstart`` trains the two tiny runs there;
-``02`` and ``03`` read them, as a user would run the notebooks in order.
+``02``, ``03`` and ``04`` read them, as a user would run the notebooks in order.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import pytest
 from nbclient import NotebookClient
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
-NOTEBOOKS = ["01_quickstart.ipynb", "02_attention_analysis.ipynb", "03_probing.ipynb"]
+NOTEBOOKS = ["01_quickstart.ipynb", "02_attention_analysis.ipynb", "03_probing.ipynb",
+             "04_attributions_and_feature_maps.ipynb"]
 
 
 def _kernel_name() -> str:
@@ -118,3 +119,18 @@ def test_03_probing(quickstart, workdir):
     assert "paste_only" in text and "fh" in text  # the baselines' columns
     assert list((workdir / "demo-rmae" / "analysis" / "probes").glob("*.json"))  # run_probe stored its results
     assert _images(nb) >= 3
+
+
+def test_04_attributions_and_feature_maps(quickstart, workdir):
+    nb = execute(NOTEBOOKS[3], workdir)
+    text = _text(nb)
+    for family in ("mae", "rmae"):
+        assert (f"attribution targets of {family}: a linear head on the cls embedding fitted on 60 labelled images "
+                f"of scenes:train:60 (7 classes)") in text
+        assert (workdir / "reports" / "attributions" / f"attributions_{family}.png").stat().st_size > 5000
+    assert "probe logit" in text and "logit of " in text and "(label)" in text and "cosine to the mean of" in text
+    assert "feature PCA, layer 0: one PCA over 2 images × 2 runs" in text
+    assert "feature PCA, layer 1: one PCA over" in text
+    assert "embeddings: tsne of 16 images per run" in text
+    assert f"rmae dashboard --runs {workdir}" in text
+    assert _images(nb) >= 4  # two attribution figures, the PCA view, the embedding

@@ -10,7 +10,9 @@ renormalised, prefix tokens dropped, per-image values, NaN, float64) are in
 - :mod:`.instance` — instance-awareness against ground-truth instances, and its locality-corrected
   selectivity (pure);
 - :mod:`.cka` — linear CKA; :func:`layer_cka` runs two encoders;
-- :mod:`.discovery` — TokenCut and CorLoc; :func:`discover_objects` runs the encoder.
+- :mod:`.discovery` — TokenCut and CorLoc; :func:`discover_objects` runs the encoder;
+- :mod:`.stream` — the per-image values ``rmae analyze`` reports, computed layer by layer while the
+  forward pass runs (each metric above is also a per-layer ``LayerMetric``).
 
 Ground truth at patch resolution (ownership, foreground, boxes) lives in
 :mod:`analysis.groundtruth`.

@@ -20,12 +20,22 @@
 - **NaN marks undefined values** (an image with no query patch inside an instance, no
   foreground patch, no ground-truth box); aggregate with ``torch.nanmean`` or the query
   weights provided.
-- Arithmetic is float64 (attention entropies and CKA's centred sums lose digits in float32).
+- **Precision.** Arithmetic is float64 (attention entropies and CKA's centred sums lose digits
+  in float32). The streamed analysis pass (:mod:`analysis.metrics.stream`) runs the same code
+  with ``dtype=float32`` where rounding cannot matter — renormalised rows, per-row sums of at most
+  ``L`` products of weights in [0, 1] — and still accumulates over queries in float64 and decides
+  keep-mass membership on float64 prefix sums (:func:`analysis.metrics.keep_mass_threshold`);
+  its values differ from the float64 ones by float32 rounding (~1e-7 relative).
+- **Query chunks.** Metrics that read every patch row go through :func:`reduce_layer`: the
+  queries of a layer are visited in chunks (:func:`query_chunks`) so no temporary exceeds
+  :data:`CHUNK_ELEMENTS` elements however large the grid, and several metrics share one pass
+  over a chunk (its renormalised rows, their head mean and row entropies are computed once).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import cached_property
 from typing import Literal
 
 import torch
@@ -75,19 +85,17 @@ def check_layer(attn: Tensor, num_prefix: int, num_patches: int | None = None) -
     return L
 
 
-def patch_rows(attn: Tensor, num_prefix: int) -> Tensor:
-    """Patch-query × patch-key block, rows renormalised over patch keys, float64.
-
-    ``[B, h, N, N] → [B, h, L, L]``. A row with zero mass on patch keys (possible only for a
-    degenerate map) stays all-zero rather than becoming NaN.
-    """
-    a = attn[..., num_prefix:, num_prefix:].double()
-    return a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+def renormalise(block: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Rows ``[..., L]`` over patch keys → distributions in ``dtype``. A row with zero mass
+    (possible only for a degenerate map) stays all-zero rather than becoming NaN."""
+    a = block.to(dtype)
+    return a / a.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
 
 
 def entropy(p: Tensor, dim: int = -1) -> Tensor:
-    """``−Σ p log p`` in nats, with ``0 log 0 = 0``."""
-    return -torch.special.xlogy(p, p).sum(dim=dim)
+    """``−Σ p log p`` in nats, with ``0 log 0 = 0`` for ``p ≥ 0`` (``0 · log tiny = 0``; NaN stays
+    NaN). A vectorised ``log`` is several times faster than ``xlogy``."""
+    return -p.clamp_min(torch.finfo(p.dtype).tiny).log_().mul_(p).sum(dim=dim)
 
 
 def masked_query_mean(values: Tensor, valid: Tensor) -> Tensor:
@@ -100,3 +108,80 @@ def masked_query_mean(values: Tensor, valid: Tensor) -> Tensor:
     total = torch.where(v, values, torch.zeros((), dtype=values.dtype, device=values.device)).sum(-1)
     count = v.sum(-1).to(values.dtype)
     return total / count  # 0/0 = NaN where an image has no valid query, by design
+
+
+# ------------------------------------------------------------------------------------------
+# one pass over a layer's patch queries, in chunks, shared by several metrics
+
+#: the most elements a chunk of renormalised rows ``[B, h, q, L]`` may hold (16 MiB in float32)
+CHUNK_ELEMENTS = 1 << 22
+
+
+class Chunk:
+    """Patch queries ``queries`` of one layer, and what several metrics read from them — each
+    computed once, on first use (a chunk nobody reads costs nothing).
+
+    ``rows``: ``[B, h, q, L]`` renormalised rows in ``dtype`` (:func:`renormalise`);
+    ``head_mean``: ``[B, q, L]`` their mean over heads; ``entropy``: ``[B, h, q]`` each row's
+    entropy in nats (returned as float64).
+    """
+
+    def __init__(self, attn: Tensor, num_prefix: int, queries: slice, dtype: torch.dtype = torch.float64) -> None:
+        self.attn, self.num_prefix, self.queries, self.dtype = attn, num_prefix, queries, dtype
+
+    @cached_property
+    def rows(self) -> Tensor:
+        P, q = self.num_prefix, self.queries
+        return renormalise(self.attn[..., P + q.start:P + q.stop, P:], self.dtype)
+
+    @cached_property
+    def head_mean(self) -> Tensor:
+        return self.rows.mean(dim=1)
+
+    @cached_property
+    def entropy(self) -> Tensor:
+        return entropy(self.rows).double()
+
+
+def query_chunks(attn: Tensor, num_prefix: int, max_elements: int = CHUNK_ELEMENTS,
+                 dtype: torch.dtype = torch.float64) -> Iterator[Chunk]:
+    """The patch queries of one layer ``[B, h, N, N]`` in order, as :class:`Chunk` s of at most
+    ``max_elements`` row elements (at least one query each)."""
+    B, h, N, _ = attn.shape
+    L = N - num_prefix
+    step = max(1, max_elements // max(1, B * h * L))
+    for q0 in range(0, L, step):
+        yield Chunk(attn, num_prefix, slice(q0, min(q0 + step, L)), dtype)
+
+
+class LayerMetric:
+    """A metric of one layer, read in one pass over its query chunks: :meth:`begin` sees the whole
+    layer ``[B, h, N, N]`` (and resets), :meth:`update` each :class:`Chunk` in query order,
+    :meth:`result` gives the per-image values. One instance serves layer after layer."""
+
+    def begin(self, attn: Tensor) -> None:
+        pass
+
+    def update(self, chunk: Chunk) -> None:
+        pass
+
+    def result(self) -> Tensor:
+        raise NotImplementedError
+
+
+def reduce_layer(attn: Tensor, num_prefix: int, metrics: Sequence[LayerMetric], num_patches: int | None = None, *,
+                 dtype: torch.dtype = torch.float64, max_elements: int = CHUNK_ELEMENTS) -> list[Tensor]:
+    """Every metric of ``metrics`` on one layer ``[B, h, N, N]``, in one chunked pass over its
+    patch queries (rows in ``dtype``) → their results, in order."""
+    check_layer(attn, num_prefix, num_patches)
+    for m in metrics:
+        m.begin(attn)
+    for chunk in query_chunks(attn, num_prefix, max_elements, dtype):  # rows are computed only if read
+        for m in metrics:
+            m.update(chunk)
+    return [m.result() for m in metrics]
+
+
+def layer_values(metric: LayerMetric, attn: AttentionInput, num_prefix: int, num_patches: int | None = None) -> Tensor:
+    """One metric over one layer or a sequence of layers (stacked at dim 1, see :func:`map_layers`)."""
+    return map_layers(lambda a: reduce_layer(a, num_prefix, [metric], num_patches)[0], attn)

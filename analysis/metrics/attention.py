@@ -2,7 +2,9 @@
 
 Every function takes one layer ``[B, heads, N, N]`` or a sequence of layers and follows the
 conventions of :mod:`analysis.metrics._layers` (patch queries, patch keys renormalised, prefix
-tokens dropped, float64, per-image values).
+tokens dropped, per-image float64 values). Each is a :class:`~analysis.metrics._layers.LayerMetric`
+(:class:`Distance`, :class:`Entropy`, :class:`NMI`), so an analysis can compute them together in
+one chunked pass per layer (:mod:`analysis.metrics.stream`).
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ._layers import AttentionInput, Tensor, check_layer, entropy, map_layers, pair, patch_rows
+from ._layers import AttentionInput, Chunk, HeadMode, LayerMetric, Tensor, entropy, layer_values, pair
 
-__all__ = ["attention_entropy", "attention_nmi", "mean_attention_distance", "patch_distances"]
+__all__ = ["NMI", "Distance", "Entropy", "attention_entropy", "attention_nmi", "mean_attention_distance",
+           "patch_distances"]
 
 
 def patch_distances(grid_hw: tuple[int, int], patch_size: int | Sequence[int],
@@ -55,16 +58,29 @@ def mean_attention_distance(attn: AttentionInput, grid_hw: tuple[int, int], patc
     Returns:
         float64 ``[B, h]`` (one layer) or ``[B, layers, h]``.
     """
-    dist = None
+    return layer_values(Distance(grid_hw, patch_size), attn, num_prefix, grid_hw[0] * grid_hw[1])
 
-    def one(a: Tensor) -> Tensor:
-        nonlocal dist
-        check_layer(a, num_prefix, grid_hw[0] * grid_hw[1])
-        if dist is None or dist.device != a.device:
-            dist = patch_distances(grid_hw, patch_size, a.device)
-        return (patch_rows(a, num_prefix) * dist).sum(-1).mean(-1)
 
-    return map_layers(one, attn)
+class Distance(LayerMetric):
+    """:func:`mean_attention_distance` of one layer at a time → ``[B, h]``; ``heads="mean"`` →
+    ``[B, 1]``, the mean over heads, read from the head-mean rows (the distance is linear in the
+    rows, so it equals the mean of the per-head distances, for ``h``-fold less work)."""
+
+    def __init__(self, grid_hw: tuple[int, int], patch_size: int | Sequence[int], heads: HeadMode = "each") -> None:
+        self.grid_hw, self.patch_size, self.heads = grid_hw, patch_size, heads
+        self.dist: Tensor | None = None
+
+    def begin(self, attn: Tensor) -> None:
+        self.parts: list[Tensor] = []
+
+    def update(self, chunk: Chunk) -> None:
+        p = chunk.head_mean[:, None] if self.heads == "mean" else chunk.rows
+        if self.dist is None or self.dist.device != p.device or self.dist.dtype != p.dtype:
+            self.dist = patch_distances(self.grid_hw, self.patch_size, p.device).to(p.dtype)
+        self.parts.append((p * self.dist[chunk.queries]).sum(-1).double())  # [B, h, q] pixels
+
+    def result(self) -> Tensor:
+        return torch.cat(self.parts, dim=-1).mean(-1)
 
 
 def attention_entropy(attn: AttentionInput, num_prefix: int = 1) -> Tensor:
@@ -78,12 +94,20 @@ def attention_entropy(attn: AttentionInput, num_prefix: int = 1) -> Tensor:
 
     Returns: float64 ``[B, h]`` or ``[B, layers, h]``.
     """
+    return layer_values(Entropy(), attn, num_prefix)
 
-    def one(a: Tensor) -> Tensor:
-        check_layer(a, num_prefix)
-        return entropy(patch_rows(a, num_prefix)).mean(-1)
 
-    return map_layers(one, attn)
+class Entropy(LayerMetric):
+    """:func:`attention_entropy` of one layer at a time → ``[B, h]``."""
+
+    def begin(self, attn: Tensor) -> None:
+        self.parts: list[Tensor] = []
+
+    def update(self, chunk: Chunk) -> None:
+        self.parts.append(chunk.entropy)
+
+    def result(self) -> Tensor:
+        return torch.cat(self.parts, dim=-1).mean(-1)
 
 
 def attention_nmi(attn: AttentionInput, num_prefix: int = 1) -> Tensor:
@@ -106,15 +130,27 @@ def attention_nmi(attn: AttentionInput, num_prefix: int = 1) -> Tensor:
 
     Returns: float64 ``[B, h]`` or ``[B, layers, h]``.
     """
+    return layer_values(NMI(), attn, num_prefix)
 
-    def one(a: Tensor) -> Tensor:
-        L = check_layer(a, num_prefix)
-        p = patch_rows(a, num_prefix)  # [B, h, L, L] = p(k|q)
-        h_k = entropy(p.mean(dim=-2))  # H(K), p(k) = mean over queries
-        h_k_given_q = entropy(p).mean(dim=-1)
+
+class NMI(LayerMetric):
+    """:func:`attention_nmi` of one layer at a time → ``[B, h]``: the key marginal ``p(k)`` and
+    the mean row entropy ``H(K|Q)`` accumulate (float64) over query chunks."""
+
+    def begin(self, attn: Tensor) -> None:
+        self.row_entropy: Tensor | float = 0.0  # Σ_q H(ã_q·), [B, h]
+        self.key_mass: Tensor | float = 0.0  # Σ_q ã_qk, [B, h, L]
+        self.L = 0
+
+    def update(self, chunk: Chunk) -> None:
+        self.row_entropy = self.row_entropy + chunk.entropy.sum(-1)
+        self.key_mass = self.key_mass + chunk.rows.sum(dim=-2).double()
+        self.L += chunk.queries.stop - chunk.queries.start
+
+    def result(self) -> Tensor:
+        h_k = entropy(self.key_mass / self.L)  # H(K), p(k) = mean over queries
+        h_k_given_q = self.row_entropy / self.L
         mi = (h_k - h_k_given_q).clamp_min(0.0)  # ≥ 0 exactly; clamp float rounding
-        h_q = torch.log(torch.tensor(float(L), dtype=torch.float64, device=a.device))
+        h_q = torch.log(torch.tensor(float(self.L), dtype=torch.float64, device=h_k.device))
         denom = torch.sqrt(h_q * h_k)
         return torch.where(denom > 0, mi / denom.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(mi))
-
-    return map_layers(one, attn)

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 import torch
 
-from ._layers import AttentionInput, Tensor, check_layer, map_layers, pair
+from analysis.groundtruth import compact_ids
 
-__all__ = ["cls_jaccard", "keep_mass_threshold"]
+from ._layers import AttentionInput, LayerMetric, Tensor, layer_values, pair
+
+__all__ = ["ClsJaccardLayer", "cls_jaccard", "keep_mass_threshold"]
 
 # Relative slack when comparing float64 prefix sums with a mass target: a prefix whose exact sum
 # equals the target must count as reaching it even if summation rounded it a hair below.
@@ -52,10 +54,15 @@ def keep_mass_threshold(maps: Tensor, mass: float = 0.6, ndim: int = 1) -> Tenso
         raise ValueError(f"mass must be in [0, 1], got {mass}")
     if ndim < 1 or ndim > maps.ndim:
         raise ValueError(f"ndim must be in [1, {maps.ndim}] for maps of shape {list(maps.shape)}, got {ndim}")
-    flat = maps.reshape(*maps.shape[: maps.ndim - ndim], -1).double()
-    if (flat < 0).any():
+    flat = maps.flatten(maps.ndim - ndim)  # (a reshape to [..., -1] is ambiguous for empty maps)
+    if not flat.is_floating_point():
+        flat = flat.double()
+    if flat.numel() and flat.min() < 0:
         raise ValueError("keep_mass_threshold needs non-negative maps (attention weights, not logits)")
+    # Sorting in the maps' own precision orders exactly as sorting their (exact) float64 values
+    # would; only the prefix sums that decide membership need float64.
     values, order = flat.sort(dim=-1, descending=True, stable=True)
+    values = values.double()
     total = values.sum(dim=-1, keepdim=True)
     before = values.cumsum(dim=-1) - values  # exclusive prefix sums S_{k-1}
     keep_sorted = before < mass * total * (1.0 - _MASS_RTOL)
@@ -92,33 +99,45 @@ def cls_jaccard(attn: AttentionInput, instances: Tensor, patch_size: int | Seque
     """
     if num_prefix < 1:
         raise ValueError("cls_jaccard needs a cls token (num_prefix ≥ 1); this encoder has none")
-    if instances.ndim != 3 or instances.is_floating_point() or instances.dtype == torch.bool:
-        raise ValueError("cls_jaccard needs an integer instance map [B, H, W] (0 = background, one id per object)")
-    ph, pw = pair(patch_size)
-    B, H, W = instances.shape
-    if H % ph or W % pw:
-        raise ValueError(f"instance map {H}×{W} is not divisible by the patch size {ph}×{pw}")
-    gh, gw = H // ph, W // pw
-    L = gh * gw
-    # pixels of every id inside every patch, [B, L, K]: |T_h ∩ M_o| is then a sum over kept patches
-    ids, dense = torch.unique(instances, sorted=True, return_inverse=True)
-    K = ids.numel()
-    dev = instances.device
-    patch = (torch.arange(H, device=dev) // ph)[:, None] * gw + (torch.arange(W, device=dev) // pw)[None, :]
-    index = (torch.arange(B, device=dev)[:, None, None] * L + patch[None]) * K + dense
-    counts = torch.bincount(index.reshape(-1), minlength=B * L * K).view(B, L, K).double()
-    area = counts.sum(1)  # [B, K] pixels of each id in each image
-    present = (area > 0) & (ids > 0)[None]  # the objects of each image
+    metric = ClsJaccardLayer(instances, patch_size, mass=mass, num_prefix=num_prefix)
+    return layer_values(metric, attn, num_prefix, metric.L)
 
-    def one(a: Tensor) -> Tensor:
-        check_layer(a, num_prefix, L)
-        row = a[:, :, 0, num_prefix:].double()
+
+class ClsJaccardLayer(LayerMetric):
+    """:func:`cls_jaccard` of one layer at a time → ``[B]`` (it reads the cls row only, not the
+    query chunks); the objects' pixel counts per patch are prepared once, at construction."""
+
+    def __init__(self, instances: Tensor, patch_size: int | Sequence[int], *, mass: float = 0.6,
+                 num_prefix: int = 1) -> None:
+        if instances.ndim != 3 or instances.is_floating_point() or instances.dtype == torch.bool:
+            raise ValueError("cls_jaccard needs an integer instance map [B, H, W] (0 = background, one id per object)")
+        self.ph, self.pw = pair(patch_size)
+        B, H, W = instances.shape
+        if H % self.ph or W % self.pw:
+            raise ValueError(f"instance map {H}×{W} is not divisible by the patch size {self.ph}×{self.pw}")
+        gh, gw = H // self.ph, W // self.pw
+        self.L = L = gh * gw
+        # pixels of every id inside every patch, [B, L, K]: |T_h ∩ M_o| is then a sum over kept patches
+        ids, dense = compact_ids(instances)
+        K = ids.numel()
+        dev = instances.device
+        patch = (torch.arange(H, device=dev) // self.ph)[:, None] * gw + (torch.arange(W, device=dev) // self.pw)[None, :]
+        index = (torch.arange(B, device=dev)[:, None, None] * L + patch[None]) * K + dense
+        self.counts = torch.bincount(index.reshape(-1), minlength=B * L * K).view(B, L, K).double()
+        self.area = self.counts.sum(1)  # [B, K] pixels of each id in each image
+        self.present = (self.area > 0) & (ids > 0)[None]  # the objects of each image
+        self.mass, self.num_prefix = mass, num_prefix
+
+    def begin(self, attn: Tensor) -> None:
+        P = self.num_prefix
+        row = attn[:, :, 0, P:].double()
         row = row / row.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        kept = keep_mass_threshold(row, mass).double()  # [B, h, L]
-        inter = torch.einsum("bhl,blk->bhk", kept, counts)  # [B, h, K] pixels in T_h ∩ M_o
-        union = kept.sum(-1, keepdim=True) * (ph * pw) + area[:, None, :] - inter
+        kept = keep_mass_threshold(row, self.mass).double()  # [B, h, L]
+        inter = torch.einsum("bhl,blk->bhk", kept, self.counts)  # [B, h, K] pixels in T_h ∩ M_o
+        union = kept.sum(-1, keepdim=True) * (self.ph * self.pw) + self.area[:, None, :] - inter
         best = (inter / union.clamp_min(1.0)).max(dim=1).values  # [B, K]: the best head per object
-        best = torch.where(present, best, torch.zeros_like(best))
-        return best.sum(-1) / present.sum(-1).double()  # 0/0 = NaN for an image without objects
+        best = torch.where(self.present, best, torch.zeros_like(best))
+        self._result = best.sum(-1) / self.present.sum(-1).double()  # 0/0 = NaN for an image without objects
 
-    return map_layers(one, attn)
+    def result(self) -> Tensor:
+        return self._result

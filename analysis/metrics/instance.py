@@ -20,10 +20,10 @@ import torch
 
 from analysis.groundtruth import patch_ownership
 
-from ._layers import AttentionInput, HeadMode, Tensor, check_layer, map_layers, masked_query_mean, patch_rows
+from ._layers import AttentionInput, Chunk, HeadMode, LayerMetric, Tensor, layer_values, masked_query_mean
 from .dino import keep_mass_threshold
 
-__all__ = ["InstanceAwareness", "instance_awareness", "instance_selectivity"]
+__all__ = ["InstanceAwareness", "InstanceLayer", "SelectivityLayer", "instance_awareness", "instance_selectivity"]
 
 
 @dataclass
@@ -113,39 +113,67 @@ def instance_awareness(attn: AttentionInput, instances: Tensor, patch_size: int 
         :class:`InstanceAwareness` with per-image ``[B]`` (+ ``[layers]``) (+ ``[h]``) values and
         ``num_queries [B]``.
     """
-    if heads not in ("mean", "each"):
-        raise ValueError(f"heads must be 'mean' or 'each', got {heads!r}")
-    owner, purity = patch_ownership(instances, patch_size)
-    B = owner.shape[0]
-    owner, purity = owner.reshape(B, -1), purity.reshape(B, -1)
-    L = owner.shape[1]
-    valid = (owner > 0) & (purity >= min_purity)  # [B, L] query patches
-    same = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] > 0)  # [B, Lq, Lk]
-    background = (owner == 0).double()  # [B, Lk]
-    other = (~same & (owner[:, None, :] > 0)).double()
-    same_f = same.double()
-
-    def one(a: Tensor) -> Tensor:
-        check_layer(a, num_prefix, L)
-        if a.shape[0] != B:
-            raise ValueError(f"attention batch {a.shape[0]} ≠ instance-map batch {B}")
-        p = patch_rows(a, num_prefix)
-        if heads == "mean":
-            p = p.mean(dim=1, keepdim=True)
-        m_same = torch.einsum("bhqk,bqk->bhq", p, same_f)
-        m_other = torch.einsum("bhqk,bqk->bhq", p, other)
-        m_bg = torch.einsum("bhqk,bk->bhq", p, background)
-        kept = keep_mass_threshold(p, mass)
-        inter = (kept & same[:, None]).sum(-1).double()
-        union = (kept | same[:, None]).sum(-1).double()
-        jac = inter / union.clamp_min(1.0)
-        # [B, h', 4] (or [B, 4] for head-mean) so that layers stack at dim 1 like every metric
-        out = torch.stack([masked_query_mean(x, valid) for x in (m_same, m_other, m_bg, jac)], dim=-1)
-        return out[:, 0] if heads == "mean" else out
-
-    res = map_layers(one, attn).movedim(-1, 0)
+    metric = InstanceLayer(instances, patch_size, mass=mass, min_purity=min_purity, heads=heads)
+    res = layer_values(metric, attn, num_prefix, metric.L).movedim(-1, 0)
     return InstanceAwareness(mass=res[0], leak=res[1], background=res[2], jaccard=res[3],
-                             num_queries=valid.sum(-1))
+                             num_queries=metric.valid.sum(-1))
+
+
+def _check_batch(attn: Tensor, B: int) -> None:
+    if attn.shape[0] != B:
+        raise ValueError(f"attention batch {attn.shape[0]} ≠ instance-map batch {B}")
+
+
+class InstanceLayer(LayerMetric):
+    """:func:`instance_awareness` of one layer at a time → ``[B, (h,) 4]`` (mass, leak, background,
+    Jaccard — the last axis); the ground truth is prepared once, at construction."""
+
+    def __init__(self, instances: Tensor, patch_size: int | Sequence[int], *, mass: float = 0.6,
+                 min_purity: float = 0.5, heads: HeadMode = "mean") -> None:
+        if heads not in ("mean", "each"):
+            raise ValueError(f"heads must be 'mean' or 'each', got {heads!r}")
+        owner, purity = patch_ownership(instances, patch_size)
+        self.B = owner.shape[0]
+        owner, purity = owner.reshape(self.B, -1), purity.reshape(self.B, -1)
+        self.L = owner.shape[1]
+        self.valid = (owner > 0) & (purity >= min_purity)  # [B, L] query patches
+        self.same = (owner[:, :, None] == owner[:, None, :]) & (owner[:, None, :] > 0)  # [B, Lq, Lk]
+        self.other = ~self.same & (owner[:, None, :] > 0)
+        self.background = owner == 0  # [B, Lk]
+        self.mass, self.heads = mass, heads
+        self._weights: dict[torch.dtype, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def weights(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """The same / other / background masks as numbers of ``dtype`` (made once per dtype)."""
+        if dtype not in self._weights:
+            self._weights[dtype] = (self.same.to(dtype), self.other.to(dtype), self.background.to(dtype))
+        return self._weights[dtype]
+
+    def begin(self, attn: Tensor) -> None:
+        _check_batch(attn, self.B)
+        self.parts: list[Tensor] = []
+
+    def update(self, chunk: Chunk) -> None:
+        q = chunk.queries
+        p = chunk.head_mean[:, None] if self.heads == "mean" else chunk.rows  # [B, h', q, L]
+        same_w, other_w, background_w = self.weights(p.dtype)
+        m_same = torch.einsum("bhqk,bqk->bhq", p, same_w[:, q]).double()
+        m_other = torch.einsum("bhqk,bqk->bhq", p, other_w[:, q]).double()
+        m_bg = torch.einsum("bhqk,bk->bhq", p, background_w).double()
+        # Jaccard of the valid queries only (the others are never averaged): their rows are the
+        # only ones thresholded, and thresholding (a sort per row) is the costly part
+        b, i = self.valid[:, q].nonzero(as_tuple=True)
+        kept = keep_mass_threshold(p[b, :, i], self.mass)  # [n, h', L]
+        same = self.same[:, q][b, i][:, None]  # [n, 1, L]
+        jac = torch.zeros_like(m_same)
+        jac[b, :, i] = (kept & same).sum(-1).double() / (kept | same).sum(-1).double().clamp_min(1.0)
+        # [B, h', 4, q]: per-query values, averaged over the valid queries once all chunks are in
+        self.parts.append(torch.stack([m_same, m_other, m_bg, jac], 2))
+
+    def result(self) -> Tensor:
+        per_query = torch.cat(self.parts, dim=-1)
+        out = masked_query_mean(per_query.flatten(1, 2), self.valid).unflatten(1, per_query.shape[1:3])  # [B, h', 4]
+        return out[:, 0] if self.heads == "mean" else out
 
 
 def instance_selectivity(attn: AttentionInput, instances: Tensor, patch_size: int | Sequence[int], *,
@@ -179,24 +207,38 @@ def instance_selectivity(attn: AttentionInput, instances: Tensor, patch_size: in
     Returns:
         float64 ``[B]`` (one layer) or ``[B, layers]``.
     """
-    owner, purity = patch_ownership(instances, patch_size)
-    B = owner.shape[0]
-    owner, purity = owner.reshape(B, -1), purity.reshape(B, -1)
-    L = owner.shape[1]
-    valid = (owner > 0) & (purity >= min_purity)  # [B, L]
-    same = ((owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] > 0)).double()  # [B, Lq, Lk]
-    others = valid[None, :, :] & ~torch.eye(B, dtype=torch.bool, device=owner.device)[:, :, None]  # [B, C, L]
-    n_null = others.sum(1)  # [B, L] layouts that score each query's null
-    usable = valid & (n_null > 0)
+    metric = SelectivityLayer(instances, patch_size, min_purity=min_purity)
+    return layer_values(metric, attn, num_prefix, metric.L)
 
-    def one(a: Tensor) -> Tensor:
-        check_layer(a, num_prefix, L)
-        if a.shape[0] != B:
-            raise ValueError(f"attention batch {a.shape[0]} ≠ instance-map batch {B}")
-        p = patch_rows(a, num_prefix).mean(dim=1)  # [B, Lq, Lk], heads averaged
-        observed = (p * same).sum(-1)  # [B, L]
-        cross = torch.einsum("bqk,cqk->bcq", p, same)  # row of image b scored on layout c
-        null = (cross * others).sum(1) / n_null.clamp_min(1)
-        return masked_query_mean((observed - null)[:, None], usable)[:, 0]
 
-    return map_layers(one, attn)
+class SelectivityLayer(LayerMetric):
+    """:func:`instance_selectivity` of one layer at a time → ``[B]``; the ground truth (and the
+    null's layouts) are prepared once, at construction."""
+
+    def __init__(self, instances: Tensor, patch_size: int | Sequence[int], *, min_purity: float = 0.5) -> None:
+        owner, purity = patch_ownership(instances, patch_size)
+        self.B = owner.shape[0]
+        owner, purity = owner.reshape(self.B, -1), purity.reshape(self.B, -1)
+        self.L = owner.shape[1]
+        valid = (owner > 0) & (purity >= min_purity)  # [B, L]
+        self.same = (owner[:, :, None] == owner[:, None, :]) & (owner[:, :, None] > 0)  # [B, Lq, Lk]
+        eye = torch.eye(self.B, dtype=torch.bool, device=owner.device)
+        self.others = valid[None, :, :] & ~eye[:, :, None]  # [B, C, L] layouts that score each query's null
+        self.n_null = self.others.sum(1)  # [B, L]
+        self.usable = valid & (self.n_null > 0)
+
+    def begin(self, attn: Tensor) -> None:
+        _check_batch(attn, self.B)
+        self.parts: list[Tensor] = []
+
+    def update(self, chunk: Chunk) -> None:
+        q = chunk.queries
+        p = chunk.head_mean  # [B, q, Lk], heads averaged
+        same = self.same[:, q].to(p.dtype)
+        observed = (p * same).sum(-1).double()  # [B, q]
+        cross = torch.einsum("bqk,cqk->bcq", p, same).double()  # row of image b scored on layout c
+        null = (cross * self.others[:, :, q]).sum(1) / self.n_null[:, q].clamp_min(1)
+        self.parts.append(observed - null)
+
+    def result(self) -> Tensor:
+        return masked_query_mean(torch.cat(self.parts, dim=-1)[:, None], self.usable)[:, 0]
