@@ -107,7 +107,8 @@ def _analysis_current(run: PlannedRun, settings: dict[str, Any]) -> bool:
 
 def _analysis_words(cfg: StudyConfig, with_clicks: bool) -> list[str]:
     words = ["--data", cfg.eval_data, "--probes", ",".join(cfg.probes) or "none", "--no-cka", "--no-progress",
-             "--device", "cpu", "clicks=" + (",".join(map(str, cfg.clicks)) if with_clicks and cfg.clicks else "none")]
+             "--device", "cpu", "clicks=" + (",".join(map(str, cfg.clicks)) if with_clicks and cfg.clicks else "none"),
+             "attributions=0", "feature_maps=none", "embedding=none"]  # the study's numbers, not its pictures
     if cfg.probe_train:
         words += ["--probe-train", cfg.probe_train]
     return words
