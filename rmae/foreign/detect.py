@@ -49,7 +49,9 @@ class Found:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    # Keys must be names: a dict under number keys is nobody's state dict (and would break prefix tests).
+    return isinstance(obj, dict) and len(obj) > 0 \
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def _strip(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...] = ("module.", "_orig_mod.")) -> dict[str, torch.Tensor]:
