@@ -23,6 +23,9 @@ the labels are scaled back to its size with nearest neighbour. FH needs up to ~3
 pixel (measured on noise), so this caps it near 300 MB and a few seconds per scale, whatever the
 image; COCO and ImageNet photos (< 1 Mpx) are segmented at full resolution, as in the paper.
 (Images themselves are already bounded on load; see :mod:`rmae.data.imageio`.)
+
+Length (~400 lines): one idea — the region sources and their spec parser; each source is a short
+class, and splitting them apart would scatter the one spec grammar users learn.
 """
 
 from __future__ import annotations

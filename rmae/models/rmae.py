@@ -19,6 +19,10 @@ names, so their state dicts load with no renaming, and the encoder's names equal
 Shapes: B batch, L = (H/p)·(W/p) patches, l = visible patches, k regions, D encoder width,
 p_E / p_D region encoder / decoder widths. Mask convention (MAE): ``mask [B, L]``, 0 is keep,
 1 is remove.
+
+Length (~440 lines): kept as one module on purpose, like the official ``models_mae.py``: the
+encoder, both decoders and the three region variants share the masking and tensor contracts, and
+reading them side by side is what makes the official-equivalence checkable.
 """
 
 from __future__ import annotations
