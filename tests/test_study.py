@@ -67,6 +67,8 @@ def test_a_tiny_study_gives_per_seed_values_across_seed_intervals_and_resumes(tm
             assert e.value == pytest.approx(np.mean(e.extra["per_seed"]), abs=1e-9)
             assert e.ci[0] <= e.value <= e.ci[1]
     assert m["interactive_iou"].extra["n_seeds"] == 2  # rmae has a region decoder
+    gain = m["interactive_iou"].extra["gain"]  # over the strongest baseline, read from each seed's analysis
+    assert gain["n_seeds"] == 2 and gain["best_baseline"][0] in ("fh", "paste_only") and len(gain["per_click"]) == 1
     d = res.differences["rmae − mae"]["attention_distance"]
     assert d.extra["scope"] == "method" and d.extra["seeds"] == [0, 1]
     per_seed = [b - a for a, b in zip(res.runs["mae"].metrics["attention_distance"].extra["per_seed"],
@@ -74,6 +76,7 @@ def test_a_tiny_study_gives_per_seed_values_across_seed_intervals_and_resumes(tm
     assert d.extra["per_seed"] == pytest.approx(per_seed, abs=1e-9)
     report = (tmp_path / "s" / "report.md").read_text()
     assert "## rmae − mae (seed-paired)" in report and "The paper's claims" in report
+    assert "gain over the strongest baseline" in report
     # the same command again: nothing retrains (weights untouched), analyses kept
     weights = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").glob("*/checkpoints/*.safetensors")}
     logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "logs").glob("*.log")}
@@ -118,3 +121,44 @@ def test_claims_are_only_decided_at_method_scope():
     assert claim_status(res, claim)[0] == "undecided"
     rae = next(c for c in PAPER_CLAIMS if c.metric == "dense_miou")
     assert claim_status(res, rae)[0] == "not measured"
+
+
+def test_interactive_gain_is_over_the_strongest_baseline_pair_by_pair():
+    from analysis.study.aggregate import interactive_gain
+
+    rng = np.random.default_rng(0)
+    pairs, clicks = 40, [1, 2]
+    weak = rng.uniform(0.0, 0.2, size=(pairs, 2))
+    strong = rng.uniform(0.4, 0.6, size=(pairs, 2))
+    strong[:, 1] = 0.1  # at 2 clicks the other baseline is the strongest
+    tables = {"fh": strong, "paste_only": weak}
+    # seed 0 adds 0.1 over each click's strongest baseline, seed 1 adds 0.3
+    best = np.stack([strong[:, 0], weak[:, 1]], axis=1)
+    stack = np.stack([best + 0.1, best + 0.3])
+    g = interactive_gain(stack, [tables, tables], clicks, seed=0)
+    assert g.extra["best_baseline"] == ["fh", "paste_only"]
+    assert g.extra["per_click"] == pytest.approx([0.2, 0.2]) and g.value == pytest.approx(0.2)
+    assert g.extra["per_seed"] == pytest.approx([0.1, 0.3]) and g.extra["scope"] == "method"
+    assert g.ci[0] <= 0.1 + 1e-9 and g.ci[1] >= 0.3 - 1e-9  # the seeds' spread is in the interval
+    # pairs must match: a baseline on other pairs gives no gain rather than a wrong one
+    assert interactive_gain(stack, [tables, {"fh": strong[:10]}], clicks, seed=0) is None
+    assert interactive_gain(stack, [tables, {}], clicks, seed=0) is None
+
+
+def test_the_interactive_claim_reads_the_gain_over_the_strongest_baseline():
+    from analysis.results import RunResult
+
+    claim = next(c for c in PAPER_CLAIMS if c.metric == "interactive_iou")
+    res = Results(reference="mae")
+    res.runs["mae"] = RunResult("mae", family="mae", role="configuration", config={"family": "mae"})
+    res.runs["rmae"] = RunResult("rmae", family="rmae", role="configuration", config={"family": "rmae"})
+    assert claim_status(res, claim)[0] == "not measured"
+    gain = Estimate(0.05, (0.02, 0.08), extra={"scope": "method"})
+    res.runs["rmae"].metrics["interactive_iou"] = Estimate(0.6, (0.5, 0.7), extra={"gain": gain.to_json()})
+    assert claim_status(res, claim)[0] == "reproduced"
+    gain = Estimate(-0.05, (-0.08, -0.02), extra={"scope": "method"})
+    res.runs["rmae"].metrics["interactive_iou"].extra["gain"] = gain.to_json()
+    assert claim_status(res, claim)[0].startswith("not reproduced")
+    gain = Estimate(0.05, (0.02, 0.08), extra={"scope": "checkpoint"})
+    res.runs["rmae"].metrics["interactive_iou"].extra["gain"] = gain.to_json()
+    assert claim_status(res, claim)[0] == "undecided"

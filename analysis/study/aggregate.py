@@ -8,6 +8,9 @@ same images). Output: a :class:`analysis.results.Results` whose ``runs`` are the
   pair) is the mean over seeds of each seed's mean over images, with a two-level bootstrap
   interval (seeds resampled, images resampled inside — :func:`analysis.stats.nested_bootstrap_ci`);
 - a probe score (one number per seed) gets a bootstrap interval over seeds;
+- interactive IoU also carries each seed's gain over the strongest baseline at each click count
+  (the baseline with the highest mean IoU on the same pairs, given the same clicks), across seeds
+  with the same nested interval (:func:`interactive_gain`);
 - every estimate keeps ``per_seed`` (the value of each seed) and ``n_seeds``;
 - ``differences`` pair the seeds of two configurations (seed s of A with seed s of B: the same
   initial-weight seed, data order and masks) and carry ``"scope": "method"`` when both sides have
@@ -90,6 +93,33 @@ def curve_estimate(stack: np.ndarray, clicks: list[int], seed: int) -> Estimate:
         "scope": _scope(stack.shape[0])})
 
 
+def interactive_gain(stack: np.ndarray, baselines: list[dict[str, np.ndarray]], clicks: list[int],
+                     seed: int) -> Estimate | None:
+    """Model IoU ``[S, pairs, clicks]`` minus the strongest baseline's, pair by pair, across seeds.
+
+    ``baselines[s]`` maps each baseline of seed s's analysis to its ``[pairs, clicks]`` IoUs on the
+    same pairs. The strongest baseline is chosen per seed and click count by its mean IoU — never by
+    the model's — so the gain is what the model adds over the best use of exactly its clicks.
+    Returns a curve estimate (value = the most clicks) with ``best_baseline`` per click, or None when
+    a seed's analysis has no baseline on the same pairs."""
+    if len(baselines) != stack.shape[0] or any(not b for b in baselines):
+        return None
+    gains, best = np.empty_like(stack), []
+    for s, tables in enumerate(baselines):
+        if any(t.shape != stack.shape[1:] for t in tables.values()):
+            return None
+        names = sorted(tables)
+        with np.errstate(all="ignore"):
+            means = np.stack([np.nanmean(tables[n], axis=0) for n in names])  # [baselines, clicks]
+        strongest = [names[int(np.nanargmax(np.nan_to_num(means[:, j], nan=-np.inf)))] for j in range(stack.shape[2])]
+        for j, name in enumerate(strongest):
+            gains[s, :, j] = stack[s, :, j] - tables[name][:, j]
+        best.append(strongest)
+    est = curve_estimate(gains, clicks, seed)
+    est.extra["best_baseline"] = best[0] if all(b == best[0] for b in best) else best
+    return est
+
+
 class _Seeds:
     """The analyses of one configuration's seeds."""
 
@@ -97,6 +127,7 @@ class _Seeds:
         self.seeds: list[int] = []
         self.results: list[Results] = []
         self.per_image: list[dict[str, np.ndarray]] = []
+        self.baselines: list[dict[str, np.ndarray]] = []  # per seed: interactive baseline → [pairs, clicks]
         self.folders: list[str] = []
 
     def stack(self, key: str) -> np.ndarray | None:
@@ -116,11 +147,15 @@ def _load(planned: list[PlannedRun]) -> dict[str, _Seeds]:
     by_label: dict[str, _Seeds] = defaultdict(_Seeds)
     for run in planned:
         res = Results.load(run.analysis / "results.json")
-        per_image = res.load_per_image(run.analysis).get(run.folder.name, {})
+        every = res.load_per_image(run.analysis)
+        per_image = every.get(run.folder.name, {})
+        baselines = {k.removeprefix("baseline:"): v["interactive_iou"] for k, v in every.items()
+                     if k.startswith("baseline:") and "interactive_iou" in v}
         s = by_label[run.configuration.label]
         s.seeds.append(run.seed)
         s.results.append(res)
         s.per_image.append(per_image)
+        s.baselines.append(baselines)
         s.folders.append(f"runs/{run.folder.name}")  # relative to the study folder: it may move
     return by_label
 
@@ -133,7 +168,11 @@ def _metrics(s: _Seeds, seed: int) -> dict[str, Estimate]:
         if stack is None:
             continue
         if key == "interactive_iou":
-            out[key] = curve_estimate(stack, list(first.metrics[key].extra.get("clicks") or []), seed)
+            clicks = list(first.metrics[key].extra.get("clicks") or [])
+            out[key] = curve_estimate(stack, clicks, seed)
+            gain = interactive_gain(stack, s.baselines, clicks, seed)
+            if gain is not None:
+                out[key].extra["gain"] = gain.to_json()
         else:
             unit = (first.metrics.get(key) or Estimate()).extra.get("unit", "")
             out[key] = nested_estimate(stack, seed, unit, per_layer=key in LAYER_METRICS)
