@@ -6,8 +6,15 @@ depth 2, one decoder block. Test files build on these instead of re-declaring th
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
@@ -94,3 +101,62 @@ def trained_runs(tmp_path_factory) -> dict[str, Path]:
                                    f"region_cache={root / 'cache'}"])
         out[fam] = pretrain(cfg, root / fam, progress=False).run
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the dashboard in a real browser (chromium + Playwright), shared by the browser tests
+
+CHROMIUM = "/usr/bin/chromium"
+needs_chromium = pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                    reason=f"{CHROMIUM} is absent (`make setup` installs Debian's chromium)")
+
+
+@contextlib.contextmanager
+def dashboard_in_browser(runs_root: Path, log_dir: Path, height: int = 1600):
+    """``rmae dashboard --runs RUNS_ROOT`` on a free port, and a chromium page: yields
+    ``(page, base_url)``. The server is started in its own process group and ended (SIGTERM, then
+    SIGKILL) whatever the test does; its output is in ``log_dir/dashboard.log``."""
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log_path = log_dir / "dashboard.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("rmae")), "dashboard", "--runs", str(runs_root),
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.time() + 90
+            while True:  # the server answers its health check once it listens
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                assert proc.poll() is None, log_path.read_text()
+                assert time.time() < deadline, "dashboard did not start"
+                time.sleep(0.5)
+            with sync_playwright() as p:
+                browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+                    "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                    "--no-first-run"])
+                try:
+                    yield browser.new_page(viewport={"width": 1400, "height": height}), f"http://127.0.0.1:{port}"
+                finally:
+                    browser.close()
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+
+
+def keep_screenshots(shots: list[Path]) -> None:
+    """Copy screenshots to $RMAE_SCREENSHOTS when it is set (for a person to look at)."""
+    keep = os.environ.get("RMAE_SCREENSHOTS")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for shot in shots:
+            shutil.copy(shot, Path(keep) / shot.name)

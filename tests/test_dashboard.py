@@ -13,20 +13,14 @@ to a run outside the root (must be ignored), an image folder and a hand-written
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, TINY_TRAIN, make_run
+from conftest import IMG, TINY_TRAIN, dashboard_in_browser, keep_screenshots, make_run, needs_chromium
 
 import rmae
 from analysis.encoder import attention_pass
@@ -38,7 +32,6 @@ from rmae.data import JointCenterCrop, build_dataset, to_tensor
 from rmae.evaluation import binary_iou
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
-CHROMIUM = "/usr/bin/chromium"
 #: the page files (AppTest switches pages by file, relative to app.py)
 PAGE_FILES = {"Attention explorer": "views/attention.py", "Reconstruction": "views/reconstruction.py",
               "Interactive segmentation": "views/segmentation.py", "Metrics and probes": "views/metrics.py",
@@ -628,79 +621,40 @@ def test_missing_root_is_an_error(monkeypatch, tmp_path):
 # real browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (`make setup` installs Debian's chromium)")
+@needs_chromium
 def test_browser_click_changes_the_overlay(runs_root, tmp_path):
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    port = _free_port()
-    rmae_cmd = Path(sys.executable).with_name("rmae")
-    log = (tmp_path / "dashboard.log").open("w")
-    proc = subprocess.Popen([str(rmae_cmd), "dashboard", "--runs", str(runs_root), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while True:  # the server answers its health check once it listens
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
-            assert time.time() < deadline, "dashboard did not start"
-            time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run"])
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1900})
-                page.goto(f"http://127.0.0.1:{port}/", timeout=60_000)
-                overlay = page.locator(".st-key-overlays-1 img").first  # the R-MAE run's patch-query map
-                overlay.wait_for(timeout=120_000)
-                page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=120_000)
-                src = overlay.get_attribute("src")
-                before = page.request.get(page.url.rstrip("/") + src if src.startswith("/") else src).body()
-                # click a patch inside an object, away from the starting query (the centre patch)
-                _, inst = _scene(0)
-                owner, purity = patch_ownership(torch.from_numpy(inst).long(), 8)
-                cells = [tuple(x) for x in torch.nonzero((owner > 0) & (purity >= 0.75)).tolist() if tuple(x) != (2, 2)]
-                r, c = cells[0] if cells else (0, 0)
-                frame = page.frame_locator("iframe[title*='streamlit_image_coordinates']").first
-                target = frame.locator("img")
-                target.wait_for(timeout=60_000)
-                box = target.bounding_box()
-                target.click(position={"x": (c + 0.5) * box["width"] / 4, "y": (r + 0.5) * box["height"] / 4})
-                deadline = time.time() + 60
-                while overlay.get_attribute("src") == src:
-                    assert time.time() < deadline, "the overlay did not change after the click"
-                    time.sleep(0.2)
-                page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=120_000)
-                src2 = overlay.get_attribute("src")
-                after = page.request.get(page.url.rstrip("/") + src2 if src2.startswith("/") else src2).body()
-                assert after != before and after[:8] == b"\x89PNG\r\n\x1a\n"
-                assert page.get_by_text(f"patch query ({r}, {c})").first.is_visible()
-                assert page.get_by_label("Query row (0–3)").input_value() == str(r)
-                assert page.get_by_label("Query column (0–3)").input_value() == str(c)
-                if cells:  # the query is on an object: the instance-awareness numbers are shown
-                    assert page.get_by_text("instance mass", exact=False).first.is_visible()
-                time.sleep(0.5)
-                shot = tmp_path / "dashboard.png"
-                page.screenshot(path=str(shot), full_page=True)
-                shutil.copy(shot, "/tmp/dashboard_screenshot.png")
-                assert shot.stat().st_size > 10_000
-            finally:
-                browser.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        log.close()
+    with dashboard_in_browser(runs_root, tmp_path, height=1900) as (page, base):
+        page.goto(f"{base}/", timeout=60_000)
+        overlay = page.locator(".st-key-overlays-1 img").first  # the R-MAE run's patch-query map
+        overlay.wait_for(timeout=120_000)
+        page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=120_000)
+        src = overlay.get_attribute("src")
+        before = page.request.get(page.url.rstrip("/") + src if src.startswith("/") else src).body()
+        # click a patch inside an object, away from the starting query (the centre patch)
+        _, inst = _scene(0)
+        owner, purity = patch_ownership(torch.from_numpy(inst).long(), 8)
+        cells = [tuple(x) for x in torch.nonzero((owner > 0) & (purity >= 0.75)).tolist() if tuple(x) != (2, 2)]
+        r, c = cells[0] if cells else (0, 0)
+        frame = page.frame_locator("iframe[title*='streamlit_image_coordinates']").first
+        target = frame.locator("img")
+        target.wait_for(timeout=60_000)
+        box = target.bounding_box()
+        target.click(position={"x": (c + 0.5) * box["width"] / 4, "y": (r + 0.5) * box["height"] / 4})
+        deadline = time.time() + 60
+        while overlay.get_attribute("src") == src:
+            assert time.time() < deadline, "the overlay did not change after the click"
+            time.sleep(0.2)
+        page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=120_000)
+        src2 = overlay.get_attribute("src")
+        after = page.request.get(page.url.rstrip("/") + src2 if src2.startswith("/") else src2).body()
+        assert after != before and after[:8] == b"\x89PNG\r\n\x1a\n"
+        assert page.get_by_text(f"patch query ({r}, {c})").first.is_visible()
+        assert page.get_by_label("Query row (0–3)").input_value() == str(r)
+        assert page.get_by_label("Query column (0–3)").input_value() == str(c)
+        if cells:  # the query is on an object: the instance-awareness numbers are shown
+            assert page.get_by_text("instance mass", exact=False).first.is_visible()
+        time.sleep(0.5)
+        shot = tmp_path / "dashboard.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+    keep_screenshots([shot])

@@ -6,20 +6,14 @@ chromium + Playwright) opening both pages on ``rmae dashboard``, with screenshot
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import IMG
+from conftest import IMG, dashboard_in_browser, keep_screenshots, needs_chromium
 
 import rmae
 from analysis import attribution_views as V
@@ -32,7 +26,6 @@ from dashboards import featuremaps as DF
 from rmae.data import JointCenterCrop, build_dataset, to_tensor
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
-CHROMIUM = "/usr/bin/chromium"
 PAGES = {"Attributions": "views/attribution.py", "Feature maps": "views/featuremaps.py"}
 TRAIN = "scenes:train:60"
 
@@ -195,81 +188,39 @@ def test_dashboard_pca_and_embedding_are_the_analysis_ones(runs_root):
 # real browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is absent (`make setup` installs Debian's chromium)")
+@needs_chromium
 def test_browser_opens_the_attribution_and_feature_map_pages(runs_root, tmp_path):
     """Both pages render their maps in a real browser; full-page screenshots are kept in
     ``tmp_path`` (and under $RMAE_SCREENSHOTS when set) for a person to look at."""
-    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
-    port = _free_port()
-    log = (tmp_path / "dashboard.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("rmae")), "dashboard", "--runs", str(runs_root),
-                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     shots = []
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "dashboard.log").read_text()
-            assert time.time() < deadline, "dashboard did not start"
+    with dashboard_in_browser(runs_root, tmp_path) as (page, base):
+        for url, first, text in (("attributions", ".st-key-att-1-embedding-similarity img", "probe logit · IG"),
+                                 ("feature-maps", ".st-key-pca-1 img", "PCA · layer 2 · image 4")):
+            page.goto(f"{base}/{url}", timeout=60_000)
+            page.locator(first).first.wait_for(timeout=240_000)
+            page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=240_000)
+            assert page.get_by_text(text, exact=False).first.is_visible()
+            images = page.locator(f"{first.split()[0]} img")
+            assert images.count() >= 3
+            src = images.first.get_attribute("src")
+            body = page.request.get(page.url.split(f"/{url}")[0] + src if src.startswith("/") else src).body()
+            assert body[:8] == b"\x89PNG\r\n\x1a\n"
             time.sleep(0.5)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                "--no-first-run"])
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 1600})
-                for url, first, text in (("attributions", ".st-key-att-1-embedding-similarity img", "probe logit · IG"),
-                                         ("feature-maps", ".st-key-pca-1 img", "PCA · layer 2 · image 4")):
-                    page.goto(f"http://127.0.0.1:{port}/{url}", timeout=60_000)
-                    page.locator(first).first.wait_for(timeout=240_000)
-                    page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=240_000)
-                    assert page.get_by_text(text, exact=False).first.is_visible()
-                    images = page.locator(f"{first.split()[0]} img")
-                    assert images.count() >= 3
-                    src = images.first.get_attribute("src")
-                    body = page.request.get(page.url.split(f"/{url}")[0] + src if src.startswith("/") else src).body()
-                    assert body[:8] == b"\x89PNG\r\n\x1a\n"
-                    time.sleep(0.5)
-                    shot = tmp_path / f"{url}.png"
-                    page.screenshot(path=str(shot), full_page=True)
-                    assert shot.stat().st_size > 20_000
-                    shots.append(shot)
-                # the 2-D embedding, when asked for: a plotly chart per run
-                page.get_by_label("Scenes (scenes:val)").fill("40")
-                page.get_by_label("Scenes (scenes:val)").press("Enter")
-                page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=240_000)
-                page.get_by_text("Show the embedding").click()
-                page.locator(".js-plotly-plot").nth(1).wait_for(timeout=240_000)
-                page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=240_000)
-                assert page.get_by_text("rmae: t-SNE of 40 images").first.is_visible()
-                page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()  # the page scrolls inside
-                time.sleep(1.0)
-                shot = tmp_path / "feature-maps-embedding.png"
-                page.screenshot(path=str(shot))
-                shots.append(shot)
-            finally:
-                browser.close()
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-        log.close()
-    keep = os.environ.get("RMAE_SCREENSHOTS")
-    if keep:
-        Path(keep).mkdir(parents=True, exist_ok=True)
-        for shot in shots:
-            shutil.copy(shot, Path(keep) / shot.name)
+            shot = tmp_path / f"{url}.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 20_000
+            shots.append(shot)
+        # the 2-D embedding, when asked for: a plotly chart per run
+        page.get_by_label("Scenes (scenes:val)").fill("40")
+        page.get_by_label("Scenes (scenes:val)").press("Enter")
+        page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=240_000)
+        page.get_by_text("Show the embedding").click()
+        page.locator(".js-plotly-plot").nth(1).wait_for(timeout=240_000)
+        page.wait_for_selector("[data-testid=stStatusWidget]", state="detached", timeout=240_000)
+        assert page.get_by_text("rmae: t-SNE of 40 images").first.is_visible()
+        page.locator(".js-plotly-plot").nth(1).scroll_into_view_if_needed()  # the page scrolls inside
+        time.sleep(1.0)
+        shot = tmp_path / "feature-maps-embedding.png"
+        page.screenshot(path=str(shot))
+        shots.append(shot)
+    keep_screenshots(shots)
