@@ -58,8 +58,12 @@ def check_output_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Write ``path`` via ``write(tmp_path)``, fsync, then rename: readers never see a partial file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], durable: bool = True) -> Path:
+    """Write ``path`` via ``write(tmp_path)``, fsync, then rename: readers never see a partial file.
+
+    ``durable=False`` skips the two fsyncs: for caches of values that are recomputed when lost
+    (region maps, generated scenes), where thousands of small writes would otherwise each wait for
+    the disk; the rename still makes every file whole or absent."""
     path = check_output_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -67,14 +71,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     try:
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        if durable:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import open_regular
+from ..io import OutputPathError, atomic_write, open_regular
 from .base import DataError
 
 #: The most scales a cached entry may hold (a source has at most 8; see rmae.data.regions).
@@ -53,19 +53,13 @@ def hash_array(arr: np.ndarray, digest_size: int = 16) -> str:
 
 
 def atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """``np.savez_compressed`` to a temp file beside ``path``, then ``os.replace`` onto it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """``np.savez_compressed`` by :func:`rmae.io.atomic_write` (not fsynced: a cache is recomputed when lost)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: savez would append ".npz" to a name
             np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+
+    atomic_write(path, write, durable=False)
 
 
 def npz_headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype]] | None:
@@ -142,8 +136,8 @@ class RegionCache:
         self.hits += 1
         return data["labels"].astype(np.int32)
 
-    def not_writable(self, err: OSError) -> str:
-        return (f"cache folder {self.root} is not writable ({err.strerror or err}); pass --cache DIR "
+    def not_writable(self, err: OSError | OutputPathError) -> str:
+        return (f"cache folder {self.root} is not writable ({getattr(err, 'strerror', None) or err}); pass --cache DIR "
                 "or region_cache=DIR (or region_cache=none)")
 
     def check_writable(self) -> None:
@@ -162,7 +156,7 @@ class RegionCache:
             return
         try:
             atomic_save_npz(self.path(source_name, key), labels=compact_labels(labels))
-        except OSError as err:
+        except (OSError, OutputPathError) as err:  # OutputPathError: a link or folder planted at an entry
             if self.must_write:
                 raise DataError(self.not_writable(err)) from None
             self.writable = False
