@@ -213,3 +213,16 @@ def test_resume_refuses_weights_of_another_model(tmp_path):
     model = rmae.create_model("rmae_vit_tiny_patch8", img_size=32, depth=2)
     with pytest.raises(CheckpointError, match=r"does not fit the model of this run's config \(\d+ keys differ"):
         _load_resume_weights(model, tmp_path / "w.safetensors", torch.device("cpu"))
+
+
+def test_a_link_planted_at_a_region_cache_entry_is_not_written_through(tmp_path, capsys):
+    cache = RegionCache(tmp_path / "cache")
+    entry = cache.path("fh", "k1")
+    entry.parent.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    os.symlink(victim, entry)
+    cache.put("fh", "k1", np.zeros((1, 8, 8), np.int32))
+    assert victim.read_text() == "mine" and entry.is_symlink()
+    assert not cache.writable and "is a symbolic link" in capsys.readouterr().err
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # no temp file left behind
