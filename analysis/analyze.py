@@ -13,7 +13,8 @@ with the reason, in ``results.meta["skipped"]`` — the rest is still computed.
 Every model sees the same images, each resized to the model's own input size (ground-truth masks
 resized alike, nearest neighbour; ``scenes`` are generated once at the largest size), so runs of
 different resolutions or patch sizes (an imported DINOv2/14 beside an MAE/16) are compared image by
-image; CKA, which needs the same inputs, is computed between runs of one input size only.
+image; CKA between runs of different sizes compares image-level features (mean patch token) of the
+same images resized.
 
 Intervals: bootstrap over images (one checkpoint per run), Wilson for probe accuracies.
 ``differences`` are each run minus the reference, paired over the same images; they describe
@@ -261,15 +262,18 @@ def analyze(runs: Sequence[str | Path], config: AnalyzeConfig | None = None, out
         for name in models:
             if name == ref:
                 continue
-            if sizes[name] != sizes[ref]:
-                skipped[f"cka ({name})"] = f"{name} takes {sizes[name]} images, {ref} {sizes[ref]}: CKA compares " \
-                                           "representations of the same inputs"
-                continue
             cka_loader = evaluation_loader(base, sizes[ref], batch_size=cfg.batch_size, seed=cfg.seed, limit=128)
-            # token CKA needs one patch grid; across grids (patch 14 vs 16) each image's mean patch
-            tokens = "patch" if infos[name].grid == infos[ref].grid else "mean"
-            mat = M.layer_cka(models[ref], models[name], cka_loader, tokens=tokens)
-            res.cka[name] = {"a": ref, "b": name, "matrix": mat.tolist(), "tokens": tokens}
+            # token CKA needs one patch grid; across grids (patch 14 vs 16, or another input size)
+            # the examples are images: each image's mean patch token, the same images resized to
+            # each model's size (as every other metric here sees them)
+            same_size = sizes[name] == sizes[ref]
+            tokens = "patch" if same_size and infos[name].grid == infos[ref].grid else "mean"
+            other = None if same_size else evaluation_loader(base, sizes[name], batch_size=cfg.batch_size,
+                                                             seed=cfg.seed, limit=128)
+            mat = M.layer_cka(models[ref], models[name], cka_loader, tokens=tokens, batches_b=other)
+            res.cka[name] = {"a": ref, "b": name, "matrix": mat.tolist(), "tokens": tokens,
+                             "inputs": "same images" if same_size else
+                             f"same images at {sizes[ref][0]}x{sizes[ref][1]} and {sizes[name][0]}x{sizes[name][1]}"}
     res.meta["input_sizes"] = {n: list(hw) for n, hw in sizes.items()}
     if out is not None:
         _views(res, models, paths, loaders, sizes, cfg, Path(out) / "figures", device, progress, skipped)

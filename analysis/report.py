@@ -138,8 +138,10 @@ def render_markdown(results: Results) -> str:
         for name, c in results.cka.items():
             mat = np.asarray(c["matrix"])
             diag = np.diag(mat) if mat.ndim == 2 and mat.shape[0] == mat.shape[1] else np.array([])
+            how = {"patch": "patch tokens", "mean": "mean patch token per image", "cls": "cls token per image"}.get(
+                str(c.get("tokens")), str(c.get("tokens")))
             lines.append(f"- {c['a']} vs {c['b']}: same-layer CKA " + ", ".join(f"{x:.2f}" for x in diag)
-                         + f" (figure: figures/cka_{name}.png)")
+                         + f" ({how}; {c.get('inputs', 'same images')}; figure: figures/cka_{name}.png)")
         lines.append("")
     lines += _views_section(results)
     lines += ["## Attention overlays", "", "![overlays](figures/attention_overlays.png)", "",

@@ -10,6 +10,7 @@ region decoder has no ``interactive_iou``, a report computed without probes has 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pandas as pd
@@ -140,7 +141,11 @@ def cka_figure(entry: dict) -> go.Figure:
     a, b = entry.get("a", "A"), entry.get("b", "B")
     fig = go.Figure(go.Heatmap(z=z, x=list(range(1, len(z[0]) + 1)), y=list(range(1, len(z) + 1)), zmin=0, zmax=1,
                                colorscale="Viridis", colorbar={"title": "CKA"}))
-    fig.update_layout(title=f"Linear CKA per layer: {a} (rows) vs {b} (columns)",
+    how = {"patch": "patch tokens", "mean": "mean patch token per image", "cls": "cls token per image"}.get(
+        str(entry.get("tokens")), "")
+    inputs = re.sub(r"[^\w .,x-]", "", str(entry.get("inputs", "")))[:60]  # written by analyze; shown as plain words
+    fig.update_layout(title=f"Linear CKA per layer: {a} (rows) vs {b} (columns)"
+                            + (f"<br><sup>{', '.join(x for x in (how, inputs) if x)}</sup>" if how or inputs else ""),
                       xaxis_title=f"{b} layer", yaxis_title=f"{a} layer", height=380, margin=MARGIN)
     fig.update_xaxes(tickmode="linear", tick0=1, dtick=max(1, len(z[0]) // 12))
     fig.update_yaxes(tickmode="linear", tick0=1, dtick=max(1, len(z) // 12))

@@ -86,3 +86,25 @@ def test_layer_cka_respects_every_models_prefix_tokens(tokens):
         acc.update([pick(o, 1) for o in _hooked_block_outputs(ours, x)],
                    [pick(o, 5) for o in _hooked_block_outputs(vit_registers, x)])
     torch.testing.assert_close(M.layer_cka(ours, vit_registers, images, tokens=tokens), acc.compute())
+
+
+def test_layer_cka_across_input_sizes_pairs_each_image_with_itself():
+    """``batches_b``: model_b sees the same images at its own size. Known answer from hooks on each
+    model with its own images; pairing image i with image i is what makes the same-layer CKA of one
+    encoder at two sizes high — the same images in another order give a low one."""
+    small = tiny_model("mae_vit_tiny_patch8", seed=0)
+    big = tiny_model("mae_vit_tiny_patch8", seed=0, img_size=2 * IMG)  # same weights, sin-cos pos at 64²
+    g = torch.Generator().manual_seed(0)
+    # images that differ from each other as a whole (colour, brightness), with texture inside
+    base = [(torch.rand(8, 3, 1, 1, generator=g) + 0.3 * torch.rand(8, 3, IMG, IMG, generator=g)) for _ in range(3)]
+    up = [torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest") for x in base]
+    acc = M.StreamingCKA()
+    for a, b in zip(base, up):
+        acc.update([o[:, 1:].mean(1) for o in _hooked_block_outputs(small, a)],
+                   [o[:, 1:].mean(1) for o in _hooked_block_outputs(big, b)])
+    paired = M.layer_cka(small, big, base, tokens="mean", batches_b=up)
+    torch.testing.assert_close(paired, acc.compute())
+    shuffled = M.layer_cka(small, big, base, tokens="mean", batches_b=[x.flip(0) for x in up])
+    assert torch.diagonal(paired).min() > 0.95 and torch.diagonal(shuffled).max() < 0.5
+    with pytest.raises(ValueError, match="same images"):
+        M.layer_cka(small, big, base, tokens="mean", batches_b=[x[:4] for x in up])

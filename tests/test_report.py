@@ -98,7 +98,7 @@ def test_cli_and_clear_errors(trained_runs, tmp_path):
 
 def test_runs_of_different_input_sizes_see_the_same_images_resized(trained_runs, tmp_path):
     """Each model gets the same images at its own input size (masks resized alike): the per-image
-    values are paired over the same images, CKA (same inputs needed) is skipped and said so."""
+    values are paired over the same images, and CKA compares image-level features of those images."""
     import rmae
 
     torch.manual_seed(0)
@@ -114,7 +114,10 @@ def test_runs_of_different_input_sizes_see_the_same_images_resized(trained_runs,
                                                                    clicks=(), cka=False, device="cpu"), progress=False)
     np.testing.assert_allclose(res.per_image["big.safetensors"]["attention_distance"],
                                alone.per_image["big.safetensors"]["attention_distance"])
-    assert "big.safetensors − mae" in res.differences and "cka (big.safetensors)" in res.meta["skipped"]
+    assert "big.safetensors − mae" in res.differences and not any(k.startswith("cka") for k in res.meta["skipped"])
+    cka = res.cka["big.safetensors"]
+    assert cka["tokens"] == "mean" and cka["inputs"] == "same images at 32x32 and 64x64"
+    assert np.asarray(cka["matrix"]).shape == (2, 2)  # mae has 2 blocks (TINY), big 2
     assert (tmp_path / "rep" / "figures" / "attention_overlays.png").stat().st_size > 100
 
 

@@ -121,7 +121,8 @@ def _examples(x: Tensor, tokens: str, num_prefix: int) -> Tensor:
 
 @torch.no_grad()
 def layer_cka(model_a: nn.Module, model_b: nn.Module, batches: Iterable[Tensor | dict[str, Any]], *,
-              tokens: Literal["patch", "cls", "mean"] = "patch", max_batches: int | None = None) -> Tensor:
+              tokens: Literal["patch", "cls", "mean"] = "patch", max_batches: int | None = None,
+              batches_b: Iterable[Tensor | dict[str, Any]] | None = None) -> Tensor:
     """Layer × layer linear CKA between two ViT encoders (e.g. MAE vs R-MAE) over a dataset.
 
     Runs both models. Layer ``i`` is the output of ``blocks[i]`` (the raw residual stream, no final
@@ -134,8 +135,13 @@ def layer_cka(model_a: nn.Module, model_b: nn.Module, batches: Iterable[Tensor |
     ``model_a``'s device. Images go to each model's own device. Models run in eval mode
     (restored afterwards).
 
+    Models of different input sizes compare on the same images, each at its own size: pass
+    ``batches_b``, the same images in the same order rendered for ``model_b`` (examples are then
+    images: ``tokens`` "cls" or "mean").
+
     Args:
         batches: iterable of image tensors ``[B, 3, H, W]`` or batch dicts with ``"images"``.
+        batches_b: ``model_b``'s images, batch for batch the same as ``batches`` (default: ``batches``).
     Returns:
         float64 ``[depth_a, depth_b]``, on the CPU.
     """
@@ -147,13 +153,17 @@ def layer_cka(model_a: nn.Module, model_b: nn.Module, batches: Iterable[Tensor |
     for m in models:
         m.eval()
     try:
-        for k, batch in enumerate(batches):
+        pairs = zip(batches, batches) if batches_b is None else zip(batches, batches_b, strict=True)
+        for k, pair in enumerate(pairs):
             if max_batches is not None and k >= max_batches:
                 break
-            images = batch["images"] if isinstance(batch, dict) else batch
+            images = [batch["images"] if isinstance(batch, dict) else batch for batch in pair]
+            if images[0].shape[0] != images[1].shape[0]:
+                raise ValueError(f"batch {k}: {images[0].shape[0]} images for model_a, {images[1].shape[0]} for "
+                                 "model_b; batches_b must hold the same images as batches")
             fa, fb = ([_examples(x, tokens, num_prefix_tokens(m))
-                       for x in block_tokens(m, images.to(model_device(m)), range(len(m.blocks)),
-                                             final_norm_on_last=False)] for m in models)
+                       for x in block_tokens(m, imgs.to(model_device(m)), range(len(m.blocks)),
+                                             final_norm_on_last=False)] for m, imgs in zip(models, images))
             if fa[0].shape[0] != fb[0].shape[0]:
                 raise ValueError(f"tokens='{tokens}' gives {fa[0].shape[0]} vs {fb[0].shape[0]} examples: "
                                  f"the models have different patch grids; use tokens='cls' or 'mean'")
