@@ -178,6 +178,12 @@ def _import(args) -> int:
               f"the {foreign.resample.get('pos_embed')} rule)")
         for note in model.imported.notes:
             print(f"  {note}")
+        from .data.transforms import IMAGENET_MEAN
+
+        norm = getattr(model, "input_normalization", None)
+        if norm and norm["mean"] != list(IMAGENET_MEAN):
+            print(f"  trained on inputs normalised with mean {norm['mean']}, std {norm['std']}: rmae maps its "
+                  "ImageNet-normalised images to that before the patch embedding")
         return 0
     c = model.config
     print(f"{args.checkpoint}: {model.source_kind}")

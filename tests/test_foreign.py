@@ -213,7 +213,12 @@ def _cases() -> list[Case]:
             model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=size, patch_size=8, embed_dim=D,
                                       depth=DEPTH, num_heads=HEADS, init_values=0.1, **kw).eval()
             model.load_state_dict(tbeit.checkpoint_filter_fn(sd, model), strict=True)
-            return _hooked(model, model.blocks, model.norm)
+            run = _hooked(model, model.blocks, model.norm)
+            if version == 2:
+                return run
+            # BEiT v1 was trained on (x - 0.5) / 0.5; rmae feeds ImageNet-normalised images
+            imagenet_mean, imagenet_std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+            return lambda x: run((x * imagenet_std.view(1, 3, 1, 1) + imagenet_mean.view(1, 3, 1, 1) - 0.5) / 0.5)
 
         return at
 

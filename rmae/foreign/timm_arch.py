@@ -29,6 +29,12 @@ import torch.nn as nn
 from ..errors import CheckpointError
 from . import resample
 
+#: The input normalisation a source was trained with, where it is not ImageNet's mean/std (which
+#: every rmae loader applies): BEiT (v1) used mean = std = 0.5 (unilm's BEiT recipes without
+#: ``--imagenet_default_mean_and_std``; timm's ``beit_*`` configs). BEiT v2 and the others use ImageNet's.
+TRAINED_NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "beit": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
+
 #: Head counts by width where the state dict cannot tell (official conventions: 64-d heads;
 #: DINOv2's giant is 1536-d with 24 heads). Families that differ (MoCo v3's ViT-S has 12) say so.
 HEADS_BY_WIDTH = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1536: 24}
@@ -209,7 +215,31 @@ def build(imported: Imported, img_size: Any = None) -> nn.Module:
             + " — pass arch=TIMM_NAME (and num_heads=N) of the architecture these weights belong to")
     model.load_state_dict(sd, strict=True, assign=True)
     model.eval()
+    _feed_trained_normalization(model, arch.kind)
     model.source_kind = arch.kind
     model.timm_arch = TimmArch(arch.kind, arch.timm, arch.kwargs, size, arch.resample, arch.layer_norm_eps)
     model.imported = imported
     return model
+
+
+def _feed_trained_normalization(model: nn.Module, kind: str) -> None:
+    """Make an encoder trained on another input normalisation see what it was trained on.
+
+    rmae's images are ImageNet-normalised; a pre-hook on ``patch_embed`` (the first module every
+    forward path applies to the images) maps them to the source's normalisation:
+    ``x' = (x · std_in + mean_in − mean) / std``. The weights are untouched, so ``rmae export``
+    still writes the original ones. ``model.input_normalization`` says what the encoder expects."""
+    from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = TRAINED_NORMALIZATION.get(kind, (IMAGENET_MEAN, IMAGENET_STD))
+    model.input_normalization = {"mean": list(mean), "std": list(std)}
+    if (tuple(mean), tuple(std)) == (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)):
+        return
+    scale = torch.tensor(IMAGENET_STD) / torch.tensor(std)
+    shift = (torch.tensor(IMAGENET_MEAN) - torch.tensor(mean)) / torch.tensor(std)
+
+    def renormalize(_module: nn.Module, args: tuple) -> tuple:
+        x = args[0]
+        return (x * scale.to(x).view(1, -1, 1, 1) + shift.to(x).view(1, -1, 1, 1), *args[1:])
+
+    model.patch_embed.register_forward_pre_hook(renormalize)
