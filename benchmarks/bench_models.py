@@ -123,7 +123,7 @@ def main() -> None:
         print(f"{'MAE (again)':<22}{'-':>4}{'':>10}{'':>8}{mae_time_after:>9.3f}{mae_time_after / mae_time:>8.3f}"
               "   ← timing drift over the table")
 
-        print(f"\nlength variant, k = 8: where the FLOPs go (GFLOPs; GMACs = half)")
+        print("\nlength variant, k = 8: where the FLOPs go (GFLOPs; GMACs = half)")
         for name, g in breakdown.items():
             print(f"  {name:<30}{g:>8.3f}")
         region = sum(v for n, v in breakdown.items() if n.startswith(("neck", "region")))
