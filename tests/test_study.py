@@ -31,6 +31,17 @@ def test_grid_makes_the_product_of_axes_without_duplicate_mae_configurations(tmp
     for bad in (["num_regions"], ["num_regions="], ["k=1,1"]):
         with pytest.raises(Exception, match="num_regions|value|repeated"):
             parse_grid(bad)
+    # an axis limited to one family: R-MAE on FH and gt regions, RAE alone on the preset's
+    scoped = configurations(["mae", "rmae", "rae"], parse_grid(["rmae:region_source=fh,gt", "mask_ratio=0.5,0.75"]))
+    assert [c.label for c in scoped] == [
+        "mae-mask_ratio=0.5", "mae-mask_ratio=0.75", "rmae-region_source=fh-mask_ratio=0.5",
+        "rmae-region_source=fh-mask_ratio=0.75", "rmae-region_source=gt-mask_ratio=0.5",
+        "rmae-region_source=gt-mask_ratio=0.75", "rae-mask_ratio=0.5", "rae-mask_ratio=0.75"]
+    assert dict(scoped[2].axes) == {"region_source": "fh", "mask_ratio": 0.5}  # the setting, without its scope
+    with pytest.raises(Exception, match="'vit' is not a family"):
+        parse_grid(["vit:region_source=fh,gt"])
+    with pytest.raises(Exception, match="given twice"):
+        parse_grid(["region_source=fh", "rmae:region_source=gt"])
 
 
 def test_nested_bootstrap_carries_the_spread_between_seeds():

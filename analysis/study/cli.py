@@ -12,7 +12,7 @@ from .study import StudyConfig
 EPILOG = """\
 examples:
   rmae study --config study --out studies/paper --seeds 3 --families mae,rmae,rae,scratch \\
-      --grid region_source=fh,gt
+      --grid rmae:region_source=fh,gt          # the paper's comparison (FAMILY: limits an axis)
   rmae study --config study --out studies/k --seeds 3 --families rmae --grid num_regions=1,8
   rmae study --config study --out studies/variants --families rmae --grid region_variant=length,batch,channel
   rmae study --config demo --out studies/quick --seeds 2 steps=50 probes=linear   # any training key too
@@ -36,7 +36,8 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG + keys_help(StudyConfig))
     p.add_argument("--config", default="study", help="training preset or YAML (default: the study preset)")
     p.add_argument("--out", required=True, help="study folder, e.g. studies/NAME")
-    p.add_argument("--grid", action="append", metavar="KEY=V1,V2", help="an axis of the study (repeatable)")
+    p.add_argument("--grid", action="append", metavar="[FAMILY:]KEY=V1,V2",
+                   help="an axis of the study (repeatable); FAMILY: limits it to one family")
     p.add_argument("--no-progress", action="store_true")
     add_arguments(p, StudyConfig, flags=("seeds", "families", "parallel", "eval_data"))
     p.set_defaults(func=run)

@@ -10,6 +10,9 @@ A configuration is a family (``mae``, ``rae``, ``rmae``, or ``scratch`` — the 
 initialisation, the from-scratch reference of the dense probe) plus one value of each ``--grid``
 axis. Axes that a family does not use (region settings for ``mae``/``scratch``) are left out of
 its label, so ``--grid region_source=fh,gt`` makes one MAE configuration, not two identical ones.
+An axis can be given to one family: ``--grid rmae:region_source=fh,gt`` sweeps R-MAE's region
+source while RAE keeps the preset's (the paper's comparison: MAE, R-MAE on FH and on ground-truth
+regions, RAE alone).
 """
 
 from __future__ import annotations
@@ -62,17 +65,30 @@ def _fmt(v: Any) -> str:
     return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
 
+def split_axis(key: str) -> tuple[str | None, str]:
+    """A grid key → (the family it is limited to, or None for all; the setting)."""
+    family, sep, setting = key.rpartition(":")
+    return (family, setting) if sep else (None, key)
+
+
 def parse_grid(words: list[str] | None) -> dict[str, list[Any]]:
-    """``["num_regions=1,8", "region_source=fh,gt"]`` → ``{"num_regions": [1, 8], …}`` (YAML scalars)."""
+    """``["num_regions=1,8", "rmae:region_source=fh,gt"]`` → ``{"num_regions": [1, 8],
+    "rmae:region_source": ["fh", "gt"]}`` (YAML scalars; a ``FAMILY:`` prefix limits an axis to
+    that family)."""
     grid: dict[str, list[Any]] = {}
     for word in words or []:
         key, raw = parse_override(word)
+        family, setting = split_axis(key)
+        if family is not None and family not in FAMILIES:
+            raise ConfigError(f"--grid {word}: {family!r} is not a family; limit an axis to one of "
+                              f"{', '.join(FAMILIES)} (e.g. --grid rmae:{setting}=a,b)")
         text = word.partition("=")[2]
-        values = [parse_override(f"{key}={v.strip()}")[1] for v in text.split(",") if v.strip()]
+        values = [parse_override(f"{setting}={v.strip()}")[1] for v in text.split(",") if v.strip()]
         if not values:
             raise ConfigError(f"--grid {word}: give at least one value, e.g. --grid {key}=a,b")
-        if key in grid:
-            raise ConfigError(f"--grid {key} is given twice; list every value once: --grid {key}=a,b")
+        clash = [k for k in grid if split_axis(k)[1] == setting and None in (family, split_axis(k)[0])]
+        if key in grid or clash:
+            raise ConfigError(f"--grid {setting} is given twice; list every value once: --grid {key}=a,b")
         if len(set(map(str, values))) != len(values):
             raise ConfigError(f"--grid {word}: a value is repeated")
         grid[key] = values
@@ -87,9 +103,10 @@ def configurations(families: list[str], grid: dict[str, list[Any]]) -> list[Conf
     out: list[Configuration] = []
     keys = list(grid)
     for family in dict.fromkeys(families):
-        uses = [k for k in keys if family in ("rae", "rmae") or k not in REGION_ONLY_KEYS]
+        uses = [k for k in keys if split_axis(k)[0] in (None, family)
+                and (family in ("rae", "rmae") or split_axis(k)[1] not in REGION_ONLY_KEYS)]
         for values in itertools.product(*(grid[k] for k in uses)):
-            c = Configuration(family, tuple(zip(uses, values)))
+            c = Configuration(family, tuple((split_axis(k)[1], v) for k, v in zip(uses, values)))
             if c not in out:
                 out.append(c)
     return out
