@@ -76,9 +76,10 @@ def demo_hook(runs: dict[str, Path], out: Path) -> list[str]:
                       report, progress=True)
     lines = [f"comparison: {report / 'report.md'}"]
     diff = next(iter(results.differences.values()), {})
-    for key in ("instance_mass", "instance_leak", "instance_jaccard", "attention_distance"):
+    # the locality-corrected instance metric first: mass, leak and Jaccard reward locality alone
+    for key in ("instance_selectivity", "cls_jaccard", "corloc", "attention_distance", "instance_mass"):
         e = diff.get(key)
         if e is not None and e.value is not None:
             lo, hi = e.ci or (float("nan"), float("nan"))
-            lines.append(f"  R-MAE − MAE {key} (last layer, these two checkpoints): {e.value:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            lines.append(f"  R-MAE − MAE {key} (these two checkpoints): {e.value:+.3f} [{lo:+.3f}, {hi:+.3f}]")
     return lines

@@ -304,7 +304,7 @@ def _demo(args) -> int:
 This compared ONE seed of each method: its intervals describe these two checkpoints, not MAE
 against R-MAE (another seed would land elsewhere). For a verdict about the methods, train several
 seeds of each at a budget where they learn and compare across seeds:
-  rmae study --config study --out studies/paper --seeds 3 --families mae,rmae,rae,scratch --grid region_source=fh,gt
+  rmae study --config study --out studies/paper --seeds 3 --families mae,rmae,rae,scratch --grid rmae:region_source=fh,gt
 
 next:
   rmae export {rmae_run} --format timm --out rmae_demo_encoder.safetensors
