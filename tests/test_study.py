@@ -66,10 +66,13 @@ def _study(tmp_path, *extra, timeout=900):
 
 
 def test_a_tiny_study_gives_per_seed_values_across_seed_intervals_and_resumes(tmp_path):
-    r = _study(tmp_path)
+    r = _study(tmp_path, "--families", "mae,rmae,scratch")
     assert r.returncode == 0, r.stderr + r.stdout
     res = Results.load(tmp_path / "s" / "results.json")
-    assert res.run_names("configuration") == ["mae", "rmae"] and res.reference == "mae"
+    assert res.run_names("configuration") == ["mae", "rmae", "scratch"] and res.reference == "mae"
+    # the from-scratch reference is an untrained encoder: analysed, not checked for learning
+    assert set(res.meta["learning"]) == {"mae-s0", "mae-s1", "rmae-s0", "rmae-s1"}
+    assert res.runs["scratch"].metrics["linear_probe"].extra["n_seeds"] == 2
     for label in ("mae", "rmae"):
         m = res.runs[label].metrics
         for key in ("attention_distance", "instance_mass", "linear_probe"):
@@ -91,8 +94,8 @@ def test_a_tiny_study_gives_per_seed_values_across_seed_intervals_and_resumes(tm
     # the same command again: nothing retrains (weights untouched), analyses kept
     weights = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "runs").glob("*/checkpoints/*.safetensors")}
     logs = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "logs").glob("*.log")}
-    assert len(weights) == 4 and len(logs) == 4 + 4  # 4 trainings, 4 analyses
-    r = _study(tmp_path)
+    assert len(weights) == 4 and len(logs) == 4 + 6  # 4 trainings, 6 analyses
+    r = _study(tmp_path, "--families", "mae,rmae,scratch")
     assert r.returncode == 0, r.stderr
     assert {p: p.stat().st_mtime_ns for p in weights} == weights  # nothing retrained
     assert {p: p.stat().st_mtime_ns for p in logs} == logs  # no job ran again: analyses were current

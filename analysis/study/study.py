@@ -86,8 +86,8 @@ def _make_scratch(run: PlannedRun, preset: str, base_model: str, overrides: dict
     model = rmae.create_model(cfg.model, **cfg.model_args)
     folder = RunFolder(run.folder)
     with folder.lock():
-        folder.create("scratch")
-        folder.write_config({**cfg.to_flat_dict(), "steps": 0, "scratch": True}, model.config.to_dict())
+        folder.create("scratch")  # the marker says what it is; config.yaml stays a valid training config
+        folder.write_config(cfg.to_flat_dict(), model.config.to_dict())
         rmae.save_model(model, folder.model_path)
 
 
@@ -198,6 +198,8 @@ def run_study(preset: str, out: str | Path, cfg: StudyConfig, grid_words: list[s
 
     checks = {}
     for r in planned:
+        if r.configuration.family == "scratch":
+            continue  # untrained by design: the from-scratch reference has nothing to have learned
         ent = results.runs[r.configuration.label].metrics.get("attention_entropy")
         per_seed = (ent.extra.get("per_seed") or []) if ent else []
         idx = results.runs[r.configuration.label].extra["seeds"].index(r.seed)
