@@ -135,6 +135,11 @@ def test_claims_are_only_decided_at_method_scope():
     assert claim_status(res, claim)[0] == "undecided"
     rae = next(c for c in PAPER_CLAIMS if c.metric == "dense_miou")
     assert claim_status(res, rae)[0] == "not measured"
+    # neither side is the reference: the pair's own seed-paired difference is read
+    for label, fam in (("rae", "rae"), ("scratch", "scratch")):
+        res.runs[label] = RunResult(label, family=fam, role="configuration", config={"family": fam})
+    res.differences["rae − scratch"] = {"dense_miou": Estimate(0.02, (0.01, 0.03), extra={"scope": "method"})}
+    assert claim_status(res, rae) == ("reproduced", "rae − scratch = 0.020 [0.010, 0.030]")
 
 
 def test_interactive_gain_is_over_the_strongest_baseline_pair_by_pair():

@@ -227,6 +227,13 @@ def aggregate(planned: list[PlannedRun], seed: int = 0) -> Results:
             if key in res.runs[ref].metrics and (d := _difference(groups[ref], s, key, seed)) is not None:
                 diffs[key] = d
         res.differences[f"{label} − {ref}"] = diffs
+    # RAE against the from-scratch encoder too: the paper's test that regions alone are a pre-text task
+    scratch = next((label for label, c in configs.items() if c.family == "scratch" and label in groups), None)
+    for label, s in groups.items():
+        if scratch is not None and configs[label].family == "rae":
+            res.differences[f"{label} − {scratch}"] = {
+                key: d for key in res.runs[label].metrics if key in res.runs[scratch].metrics
+                and (d := _difference(groups[scratch], s, key, seed)) is not None}
     baselines = any_res.baselines.get("interactive_iou")
     for s in groups.values():
         for r in s.results:

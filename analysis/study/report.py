@@ -53,8 +53,11 @@ def roles(results: Results) -> dict[str, str]:
 
 
 def _difference(results: Results, better: str, worse: str, key: str) -> Estimate | None:
-    """better − worse from the stored differences (each is against the reference; combine by sign)."""
+    """better − worse from the stored differences (against the reference, combined by sign, or stored
+    for that pair)."""
     ref = results.reference
+    if f"{better} − {worse}" in results.differences:  # stored directly (e.g. rae − scratch)
+        return results.differences[f"{better} − {worse}"].get(key)
     if worse == ref:
         return results.differences.get(f"{better} − {ref}", {}).get(key)
     if better == ref:
