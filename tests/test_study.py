@@ -99,6 +99,9 @@ def test_a_tiny_study_gives_per_seed_values_across_seed_intervals_and_resumes(tm
     assert r.returncode == 0, r.stderr
     assert {p: p.stat().st_mtime_ns for p in weights} == weights  # nothing retrained
     assert {p: p.stat().st_mtime_ns for p in logs} == logs  # no job ran again: analyses were current
+    timing = Results.load(tmp_path / "s" / "results.json").meta["timing"]  # earlier invocations' times kept
+    assert timing["train_seconds_per_run"] == res.meta["timing"]["train_seconds_per_run"] and len(timing["train_seconds_per_run"]) == 4
+    assert timing["train_seconds"] >= res.meta["timing"]["train_seconds"] > 0
     assert Results.load(tmp_path / "s" / "results.json").runs["rmae"].metrics["instance_mass"].value == \
         res.runs["rmae"].metrics["instance_mass"].value
 

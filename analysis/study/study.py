@@ -211,11 +211,28 @@ def run_study(preset: str, out: str | Path, cfg: StudyConfig, grid_words: list[s
         for name, run in Results.load(controls_dir / "results.json").runs.items():
             if run.role == "control":
                 results.runs[name] = run
-    results.meta["timing"] = timing
+    results.meta["timing"] = _with_earlier_timing(root / "results.json", timing)
     results.meta["study"] = {**record, "seeds": cfg.seeds, "first_seed": cfg.first_seed}
     results.save(root / "results.json")
     atomic_write_text(root / "report.md", write_study_report(results))
     return results
+
+
+def _with_earlier_timing(previous: Path, timing: dict[str, Any]) -> dict[str, Any]:
+    """This invocation's timing plus what earlier invocations of the same study spent: a rerun that
+    continues a study (or only re-aggregates it) keeps the times of the runs trained before."""
+    try:
+        old = json.loads(read_text(previous, 64 << 20)).get("timing") or {}
+    except (OSError, ValueError, UserError, AttributeError):
+        old = {}
+    out = dict(timing)
+    for key in ("train_seconds", "analysis_seconds"):
+        if isinstance(old.get(key), (int, float)):
+            out[key] = round(float(old[key]) + float(timing.get(key, 0.0)), 1)
+    for key in ("train_seconds_per_run", "analysis_seconds_per_job"):
+        if isinstance(old.get(key), dict):
+            out[key] = {**{k: v for k, v in old[key].items() if isinstance(v, (int, float))}, **timing.get(key, {})}
+    return out
 
 
 class StudyError(UserError, RuntimeError):
