@@ -72,6 +72,18 @@ def subprocess_env(tmp: Path) -> dict[str, str]:
     return env
 
 
+def scene(index: int, size: int = IMG):
+    """Scene ``index`` of scenes:val at ``size``: (image HWC uint8, instance map [H, W] int32),
+    cropped as the dashboard crops it."""
+    import numpy as np
+
+    from rmae.data import JointCenterCrop, build_dataset
+
+    s = build_dataset("scenes:val:1000", image_size=size).load(index)
+    img, maps = JointCenterCrop(size, crop_pct=1.0)(s["image"], {"instances": s["instances"].astype(np.int32)})
+    return img, maps["instances"]
+
+
 @pytest.fixture
 def tiny() -> Callable[..., rmae.MaskedAutoencoderViT]:
     """``tiny(name="rmae_vit_tiny_patch8", seed=0, **keywords)`` → a tiny model in eval mode."""

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, TINY_TRAIN, dashboard_in_browser, keep_screenshots, make_run, needs_chromium
+from conftest import IMG, scene, TINY_TRAIN, dashboard_in_browser, keep_screenshots, make_run, needs_chromium
 
 import rmae
 from analysis.encoder import attention_pass
@@ -28,7 +28,7 @@ from analysis.groundtruth import patch_ownership
 from analysis.interactive import predict_from_clicks
 from analysis.metrics import keep_mass_threshold
 from analysis.registry import metric
-from rmae.data import JointCenterCrop, build_dataset, to_tensor
+from rmae.data import build_dataset, to_tensor
 from rmae.evaluation import binary_iou
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
@@ -174,12 +174,6 @@ def _page(at, name):
     return at
 
 
-def _scene(index: int, size: int = IMG):
-    s = build_dataset("scenes:val:1000", image_size=size).load(index)
-    img, maps = JointCenterCrop(size, crop_pct=1.0)(s["image"], {"instances": s["instances"].astype(np.int32)})
-    return img, maps["instances"]
-
-
 def _inside_query(instances: np.ndarray, patch: int = 8) -> tuple[int, int]:
     """A patch whose owner is an instance and which is ≥ 75 % inside it."""
     owner, purity = patch_ownership(torch.from_numpy(instances).long(), patch)  # [gh, gw]
@@ -224,7 +218,7 @@ def test_attention_explorer_runs_maps_and_instance_numbers(app, runs_root):
     assert captions[2].startswith("rollout from the query · layers 1–2")
     # pick a scene and a query inside an object through the non-click inputs
     at.sidebar.number_input(key="scene").set_value(5).run()
-    img, inst = _scene(5)
+    img, inst = scene(5)
     r, c = _inside_query(inst)
     at.number_input(key="q_row").set_value(r).run()
     at.number_input(key="q_col").set_value(c).run()
@@ -246,7 +240,7 @@ def test_attention_explorer_runs_maps_and_instance_numbers(app, runs_root):
 
 def test_attention_layer_and_head_change_the_maps(app, runs_root):
     at = app
-    img, inst = _scene(0)
+    img, inst = scene(0)
     r, c = _inside_query(inst)
     at.number_input(key="q_row").set_value(r).run()
     at.number_input(key="q_col").set_value(c).run()
@@ -268,7 +262,7 @@ def test_attention_layer_and_head_change_the_maps(app, runs_root):
 
 def test_attention_background_query_and_no_ground_truth(app):
     at = app
-    img, inst = _scene(0)
+    img, inst = scene(0)
     owner, _ = patch_ownership(torch.from_numpy(inst).long(), 8)
     bg = torch.nonzero(owner == 0)
     if len(bg):
@@ -316,7 +310,7 @@ def test_interactive_segmentation_iou(app, runs_root):
     at = _page(app, "Interactive segmentation")
     assert any("mae" in c.value and "Without a region decoder" in c.value for c in at.caption)
     at.sidebar.number_input(key="scene").set_value(5).run()
-    img, inst = _scene(5)
+    img, inst = scene(5)
     r, c = _inside_query(inst)
     at.multiselect(key="seg_patches").set_value([f"r{r}c{c}"]).run()
     assert not at.exception, at.exception
@@ -631,7 +625,7 @@ def test_browser_click_changes_the_overlay(runs_root, tmp_path):
         src = overlay.get_attribute("src")
         before = page.request.get(page.url.rstrip("/") + src if src.startswith("/") else src).body()
         # click a patch inside an object, away from the starting query (the centre patch)
-        _, inst = _scene(0)
+        _, inst = scene(0)
         owner, purity = patch_ownership(torch.from_numpy(inst).long(), 8)
         cells = [tuple(x) for x in torch.nonzero((owner > 0) & (purity >= 0.75)).tolist() if tuple(x) != (2, 2)]
         r, c = cells[0] if cells else (0, 0)

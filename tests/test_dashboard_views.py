@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import IMG, dashboard_in_browser, keep_screenshots, needs_chromium
+from conftest import IMG, scene, dashboard_in_browser, keep_screenshots, needs_chromium
 
 import rmae
 from analysis import attribution_views as V
@@ -23,7 +23,7 @@ from analysis.feature_cache import load_features
 from analysis.featuremaps import embed_2d, feature_pca, patch_features
 from dashboards import attributions as DA
 from dashboards import featuremaps as DF
-from rmae.data import JointCenterCrop, build_dataset, to_tensor
+from rmae.data import build_dataset, to_tensor
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
 PAGES = {"Attributions": "views/attribution.py", "Feature maps": "views/featuremaps.py"}
@@ -58,12 +58,6 @@ def _page(at, name):
     return at
 
 
-def _scene(index: int, size: int = IMG):
-    s = build_dataset("scenes:val:1000", image_size=size).load(index)
-    img, maps = JointCenterCrop(size, crop_pct=1.0)(s["image"], {"instances": s["instances"].astype(np.int32)})
-    return img, maps["instances"]
-
-
 def _expected_probe(run: Path, image: np.ndarray) -> tuple[str, float, float]:
     """Independently of dashboards.*: the run's probe head fitted on TRAIN, its predicted class for
     the image, that logit, and the cosine to the class mean."""
@@ -96,7 +90,7 @@ def test_attribution_page_explains_both_scores(app, runs_root):
     caps = _captions(at)
     assert len(caps) == 12  # 2 runs × 2 scores × IG, occlusion, Grad-CAM
     assert [c.split(" — ")[0] for c in caps[:6]] == [f"{t} · {m}" for t in V.TARGETS for m in V.METHODS]
-    image, _ = _scene(0)
+    image, _ = scene(0)
     for i, name in enumerate(("mae", "rmae")):
         cls, logit, cos = _expected_probe(runs_root / name, image)
         probe, sim = caps[6 * i], caps[6 * i + 3]
@@ -150,7 +144,7 @@ def test_dashboard_attribution_view_is_the_analysis_maps(runs_root):
     from dashboards.images import prepare
 
     model = rmae.load_model(runs_root / "rmae").eval()
-    image, inst = _scene(2)
+    image, inst = scene(2)
     p = prepare(image, inst, (IMG, IMG))
     targets = DA.probe_targets(runs_root / "rmae", model, TRAIN)
     got = DA.attribution_view(model, p, targets, ig_steps=4)
@@ -165,7 +159,7 @@ def test_dashboard_pca_and_embedding_are_the_analysis_ones(runs_root):
     from dashboards.images import prepare
 
     models = [rmae.load_model(runs_root / n).eval() for n in ("mae", "rmae")]
-    prepared = [prepare(*_scene(i), (IMG, IMG)) for i in range(3)]
+    prepared = [prepare(*scene(i), (IMG, IMG)) for i in range(3)]
     feats = [DF.run_patch_features(m, prepared, 1) for m in models]
     x = torch.cat([p.tensor() for p in prepared])
     for f, m in zip(feats, models):

@@ -165,14 +165,21 @@ def contested_run(tmp_path_factory) -> dict:
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.communicate(timeout=30)
-    deadline = time.monotonic() + 3
+    survivors = _survivors_after(workers, 3.0)
+    return {"run": tmp / "run", "pid": first.pid, "competitors": competitors, "still_training": still_training,
+            "workers": workers, "survivors": survivors}
+
+
+def _survivors_after(workers: list[int], seconds: float) -> list[int]:
+    """The workers still alive ``seconds`` after their parent was killed (then killed, so no test
+    leaves them behind)."""
+    deadline = time.monotonic() + seconds
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     survivors = [w for w in workers if _alive(w)]
     for w in survivors:
         os.kill(w, signal.SIGKILL)
-    return {"run": tmp / "run", "pid": first.pid, "competitors": competitors, "still_training": still_training,
-            "workers": workers, "survivors": survivors}
+    return survivors
 
 
 def test_a_second_writer_is_refused_at_once(contested_run):
@@ -229,10 +236,4 @@ def test_busy_data_workers_die_with_their_parent(tmp_path):
     finally:
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(timeout=30)
-    deadline = time.monotonic() + 3
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    alive = [w for w in workers if _alive(w)]
-    for w in alive:
-        os.kill(w, signal.SIGKILL)
-    assert not alive, "busy data workers outlived their killed parent"
+    assert not _survivors_after(workers, 3.0), "busy data workers outlived their killed parent"

@@ -23,6 +23,7 @@ from rmae.runfolder import RunFolder
 from rmae.settings import ConfigError, setting
 
 from ..registry import PROBE_KEYS
+from ..results import MAX_RESULTS_BYTES
 from .plan import PlannedRun, parse_grid, plan
 from .runner import Job, rmae_command, run_jobs
 
@@ -222,7 +223,7 @@ def _with_earlier_timing(previous: Path, timing: dict[str, Any]) -> dict[str, An
     """This invocation's timing plus what earlier invocations of the same study spent: a rerun that
     continues a study (or only re-aggregates it) keeps the times of the runs trained before."""
     try:
-        old = json.loads(read_text(previous, 64 << 20)).get("timing") or {}
+        old = json.loads(read_text(previous, MAX_RESULTS_BYTES)).get("timing") or {}
     except (OSError, ValueError, UserError, AttributeError):
         old = {}
     out = dict(timing)
